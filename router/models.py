@@ -1,0 +1,229 @@
+"""The tables. SQLModel is the schema and the ORM for the application; the intake's hot insert
+uses SQLAlchemy Core on the same `Table` objects (PERF-NOTES: the ORM costs 8–15× per row).
+
+Times are stored as naive UTC and read back as aware UTC (`UTCDateTime`), so SQLite and
+PostgreSQL behave the same and no code compares naive with aware datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use router.clock")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _utc(**kw: Any) -> Any:
+    nullable = kw.pop("nullable", True)
+    index = kw.pop("index", False)
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index), **kw)
+
+
+def _json(default: Any) -> Any:
+    return Field(default_factory=default, sa_column=Column(JSON, nullable=False))
+
+
+class InboundStatus:
+    NEW = "new"          # committed, not yet through the pipeline
+    DONE = "done"        # turned into (or threaded onto) a ticket
+    PARKED = "parked"    # the pipeline raised; kept with its traceback for an admin
+    SPAM = "spam"        # stored, not routed
+
+
+class Inbound(SQLModel, table=True):
+    """A message exactly as it was accepted: raw bytes and envelope, nothing interpreted."""
+
+    __tablename__ = "inbound"
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = _utc(nullable=False)
+    channel: str = Field(max_length=16)               # smtp | lmtp | imap | pipe
+    mail_from: str = Field(default="", sa_column=Column(Text, nullable=False))
+    rcpt_to: list[str] = _json(list)
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    size: int
+    message_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    dedupe_key: str = Field(max_length=64, unique=True)
+    deliveries: int = 1                                # how often the same mail arrived
+    status: str = Field(default=InboundStatus.NEW, max_length=16)
+    attempts: int = 0
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    ticket_id: int | None = Field(default=None, index=True)
+    processed_at: datetime | None = _utc()
+
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+
+
+class Customer(SQLModel, table=True):
+    """One record per mail address, across every role address and channel."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    name: str = ""
+    language: str | None = Field(default=None, max_length=16)
+    vip: bool = False
+    created_at: datetime = _utc(nullable=False)
+    last_seen_at: datetime = _utc(nullable=False)
+    attributes: dict[str, Any] = _json(dict)
+
+
+class TicketStatus:
+    NEW = "new"
+    OPEN = "open"
+    PENDING = "pending"      # waiting for the customer
+    SOLVED = "solved"
+    CLOSED = "closed"
+    ALL = (NEW, OPEN, PENDING, SOLVED, CLOSED)
+
+
+class Ticket(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    team: str = Field(max_length=64)
+    status: str = Field(default=TicketStatus.NEW, max_length=16)
+    priority: str = Field(default="normal", max_length=16)
+    subject: str = Field(default="", sa_column=Column(Text, nullable=False))
+    customer_id: int = Field(foreign_key="customer.id", index=True)
+    address: str = Field(max_length=320)              # the role address it came in by
+    tag: str | None = Field(default=None, max_length=128)  # plus-address tag (campaign)
+    language: str | None = Field(default=None, max_length=16)
+    assignee: str | None = Field(default=None, max_length=320)
+    created_at: datetime = _utc(nullable=False)
+    updated_at: datetime = _utc(nullable=False)
+    last_customer_at: datetime = _utc(nullable=False)
+    first_response_at: datetime | None = _utc()
+    solved_at: datetime | None = _utc()
+    reopened: int = 0
+    promised_at: datetime | None = _utc()             # the turnaround the ack promised
+    promise_basis: str | None = Field(default=None, max_length=32)
+    promise_kept: bool | None = None
+    next_due_at: datetime | None = _utc(index=True)   # the escalation scheduler's next wake-up
+    config_version: str | None = Field(default=None, max_length=64)
+
+    __table_args__ = (Index("ix_ticket_team_status", "team", "status"),)
+
+
+class ArticleKind:
+    IN = "in"            # from the customer
+    OUT = "out"          # to the customer (agent reply or automatic mail)
+    NOTE = "note"        # internal
+
+
+class Article(SQLModel, table=True):
+    """One message of a ticket's thread."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound.id")
+    kind: str = Field(max_length=8)
+    automatic: bool = False
+    message_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    sender: str = Field(default="", max_length=320)
+    sender_name: str = ""
+    recipients: list[str] = _json(list)
+    subject: str = Field(default="", sa_column=Column(Text, nullable=False))
+    body_text: str = Field(default="", sa_column=Column(Text, nullable=False))
+    body_html: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    author: str | None = Field(default=None, max_length=320)
+    malformed: bool = False
+    defects: list[str] = _json(list)
+    created_at: datetime = _utc(nullable=False)
+
+
+class Attachment(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    article_id: int = Field(foreign_key="article.id", index=True)
+    filename: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    content_type: str = Field(max_length=255)
+    size: int
+    sha256: str = Field(max_length=64, index=True)
+    inline: bool = False
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ThreadKey(SQLModel, table=True):
+    """Every Message-ID that belongs to a ticket, inbound or sent by us: the threading index."""
+
+    __tablename__ = "thread_key"
+    message_id: str = Field(sa_column=Column(Text, primary_key=True))
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+
+
+class Decision(SQLModel, table=True):
+    """Why a message went where it went: every rule hit, explainable later."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound.id")
+    kind: str = Field(default="route", max_length=16)  # route | thread | reroute
+    team: str = Field(max_length=64)
+    priority: str = Field(default="normal", max_length=16)
+    address: str | None = Field(default=None, max_length=320)
+    tag: str | None = Field(default=None, max_length=128)
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False))
+    hits: list[dict[str, Any]] = _json(list)
+    config_version: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _utc(nullable=False)
+
+
+class OutboxStatus:
+    QUEUED = "queued"
+    SENT = "sent"
+    PARKED = "parked"    # gave up: 5xx or too many attempts
+    FAILED = "failed"    # sent, then bounced (DSN)
+
+
+class Outbox(SQLModel, table=True):
+    """Every mail that leaves, written in the transaction that caused it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = _utc(nullable=False)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    customer_id: int | None = Field(default=None, foreign_key="customer.id", index=True)
+    kind: str = Field(max_length=32)                   # ack | reply | notify | escalation ...
+    mail_from: str = Field(max_length=320)
+    rcpt_to: list[str] = _json(list)
+    message_id: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default=OutboxStatus.QUEUED, max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = _utc(nullable=False)
+    claimed_until: datetime | None = _utc()
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    sent_at: datetime | None = _utc()
+
+    __table_args__ = (Index("ix_outbox_status_next", "status", "next_attempt_at"),)
+
+
+class Event(SQLModel, table=True):
+    """The event log: what happened to a ticket (or the daemon), in order."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _utc(nullable=False, index=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    kind: str = Field(max_length=64)
+    data: dict[str, Any] = _json(dict)
+
+
+class ConfigVersion(SQLModel, table=True):
+    """Each applied router.toml, so every decision can name the config it was made under."""
+
+    __tablename__ = "config_version"
+    id: int | None = Field(default=None, primary_key=True)
+    digest: str = Field(max_length=64, unique=True)
+    source: str = Field(default="", sa_column=Column(Text, nullable=False))
+    applied_at: datetime = _utc(nullable=False)
