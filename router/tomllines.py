@@ -13,7 +13,8 @@ import re
 Path = tuple[str | int, ...]
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=\s*(.*)$""")
+_BARE = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_KEY = re.compile(rf"^\s*({_BARE}(?:\s*\.\s*{_BARE})*)\s*=\s*(.*)$")
 _INLINE_KEY = re.compile(r"""(?:^|[{,])\s*([A-Za-z0-9_-]+|"[^"]*")\s*=""")
 
 
@@ -66,9 +67,10 @@ def key_lines(text: str) -> dict[Path, int]:
             if header.group(1) == "[[":
                 plain = tuple(keys)
                 array_index[plain] = array_index.get(plain, -1) + 1
-                # Re-entering a parent array resets nothing: child indexes are per parent
-                # element, so drop counters of deeper arrays under this one.
-                for other in [k for k in array_index if len(k) > len(plain) and k[: len(plain)] == plain]:
+                # Child array indexes count per parent element, so a new parent element
+                # starts its children from zero again.
+                deeper = [k for k in array_index if len(k) > len(plain) and k[:len(plain)] == plain]
+                for other in deeper:
                     del array_index[other]
             prefix = resolve(keys)
             lines.setdefault(tuple(prefix), lineno)
