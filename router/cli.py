@@ -1,0 +1,163 @@
+"""The `router` command: serve | check | ingest | tickets | db | simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from router import __version__
+from router import settings as config
+
+
+class UsageError(Exception):
+    """Bad arguments or state the user can fix; printed without a traceback."""
+
+
+def _load(args: argparse.Namespace) -> config.Settings:
+    try:
+        return config.load(args.config)
+    except config.ConfigError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        raise SystemExit(78) from None  # EX_CONFIG
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from router.checks import full_check
+
+    settings, problems = full_check(args.config)
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        _print_json({"ok": not errors and settings is not None,
+                     "file": str(config.config_path(args.config)),
+                     "problems": [p.as_dict() for p in problems]})
+    else:
+        for p in problems:
+            print(p, file=sys.stderr if p.severity == "error" else sys.stdout)
+        if settings is not None and not errors:
+            print(f"{settings.source}: ok: {len(settings.team)} teams, "
+                  f"{sum(len(t.addresses) for t in settings.team)} addresses"
+                  + (f", {len(problems)} warnings" if problems else ""))
+    return 1 if errors or settings is None else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router import log
+    from router.app import serve
+
+    log.setup(args.log_level, json=args.log_json)
+    return serve(config.config_path(args.config))
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from router import db
+
+    settings = _load(args)
+    url = settings.database_url
+    if args.db_command == "upgrade":
+        db.upgrade(url)
+        print(f"database at revision {db.current_revision(url)} (head {db.head_revision()})")
+    else:
+        cur = db.current_revision(url)
+        head = db.head_revision()
+        if args.json:
+            _print_json({"current": cur, "head": head, "up_to_date": cur == head})
+        else:
+            print(f"current {cur or '(empty)'}, head {head}"
+                  + ("" if cur == head else ": run `router db upgrade`"))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from router.intake.pipe import ingest_main
+
+    return ingest_main(args.config, args.recipient, args.sender)
+
+
+def cmd_tickets(args: argparse.Namespace) -> int:
+    from router import queues
+
+    settings = _load(args)
+    return queues.run(settings, args)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "simulate.py"
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=None,
+                        help="router.toml to use (default: $ROUTER_CONFIG or ./router.toml)")
+    p = argparse.ArgumentParser(prog="router", description="Digital response management daemon.")
+    p.add_argument("--version", action="version", version=f"router {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the daemon")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
+                   help="JSON log lines (default: when stderr is not a terminal)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check", parents=[common], help="validate router.toml and templates")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("ingest", parents=[common],
+                       help="take one message on stdin (MTA pipe transport)")
+    s.add_argument("--recipient", "-r", action="append", default=[],
+                   help="envelope recipient (repeatable); default: the role addresses in To/Cc")
+    s.add_argument("--sender", "-f", default="", help="envelope sender")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("tickets", parents=[common], help="the queues")
+    from router.queues import add_arguments
+
+    add_arguments(s, common)
+    s.set_defaults(func=cmd_tickets)
+
+    s = sub.add_parser("db", parents=[common], help="database schema")
+    dsub = s.add_subparsers(dest="db_command", required=True)
+    dsub.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
+    cur = dsub.add_parser("current", parents=[common], help="show the schema revision")
+    cur.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_db)
+
+    s = sub.add_parser("simulate", help="simulate a team to test the turnaround promises")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 64  # EX_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
