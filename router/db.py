@@ -37,7 +37,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str, **kw: Any) -> Engine:
+def _sqlite_manual_transactions(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+
+
+def make_engine(url: str, *, immediate: bool = False, **kw: Any) -> Engine:
+    """An engine with our SQLite settings; `immediate` engines take SQLite's write lock at
+    BEGIN, so a read-then-write transaction cannot fail half-way on a stale snapshot."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = make_url(url).database
@@ -46,6 +52,11 @@ def make_engine(url: str, **kw: Any) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
                                **kw)
         event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling breaks SAVEPOINT and hides BEGIN; SQLAlchemy's
+        # documented remedy is to switch it off and emit BEGIN ourselves.
+        event.listen(engine, "connect", _sqlite_manual_transactions)
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
         return engine
     kw.setdefault("pool_pre_ping", True)
     if "poolclass" not in kw:

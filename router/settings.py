@@ -282,16 +282,22 @@ class Team(Strict):
     def _lead(cls, v: str | None) -> str | None:
         return None if v is None else check_address(v)
 
-    @field_validator("business_hours")
+    # "before", so a wrong type is explained here rather than as one pydantic error per
+    # member of the union, with paths like business_hours.dict[str,str].
+    @field_validator("business_hours", mode="before")
     @classmethod
-    def _hours(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+    def _hours(cls, v: object) -> object:
+        usage = "must be \"24/7\" or a table such as { mon-fri = \"09:00-17:00\" }"
         if isinstance(v, str):
             if v.strip().lower() not in ("24/7", "always"):
-                raise ValueError(f"business_hours \"{v}\" must be \"24/7\" or a table such as "
-                                 "{ mon-fri = \"09:00-17:00\" }")
+                raise ValueError(f"business_hours \"{v}\" {usage}")
             return v
+        if not isinstance(v, dict):
+            raise ValueError(f"business_hours {v!r} {usage}")
         for key, spans in v.items():
             _day_keys(key)
+            if not isinstance(spans, str):
+                raise ValueError(f"{key} = {spans!r}: hours are text such as \"09:00-17:00\"")
             _parse_spans(spans)
         return v
 
@@ -460,6 +466,7 @@ ENV_OVERRIDES = {
     "ROUTER_SMTP_LISTEN": ("smtp", "listen"),
     "ROUTER_WEB_LISTEN": ("web", "listen"),
 }
+_ENV_HOSTPORT = ("ROUTER_SMTP_LISTEN", "ROUTER_WEB_LISTEN")
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None,
@@ -470,8 +477,17 @@ def config_path(explicit: str | os.PathLike[str] | None = None,
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[Problem]) -> None:
     for var, (section, key) in ENV_OVERRIDES.items():
-        if var in env:
-            data.setdefault(section, {})[key] = env[var]
+        if var not in env:
+            continue
+        if var in _ENV_HOSTPORT:
+            # Checked here so the problem names the variable; checked by the schema it would
+            # point at the file's [section] line, whose value is not the one in use.
+            try:
+                parse_hostport(env[var], var)
+            except ValueError as exc:
+                problems.append(Problem("environment", var, str(exc)))
+                continue
+        data.setdefault(section, {})[key] = env[var]
     if "ROUTER_RELAY" in env:
         try:
             host, port = parse_hostport(env["ROUTER_RELAY"], "ROUTER_RELAY")

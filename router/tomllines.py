@@ -23,11 +23,58 @@ def _split_dotted(key: str) -> list[str]:
     return [p.strip("\"'") for p in parts]
 
 
+_STRING = re.compile(r"'[^']*'" r'|"(?:[^"\\]|\\.)*"')
+
+
+def _code(line: str) -> str:
+    """`line` with string contents blanked and its comment cut, offsets unchanged, so that a
+    bracket, brace or `=` inside a string or comment is not taken for structure."""
+    out = _STRING.sub(lambda m: m.group(0)[0] + " " * (len(m.group(0)) - 2) + m.group(0)[-1],
+                      line)
+    cut = out.find("#")
+    return out if cut < 0 else out[:cut]
+
+
+def _scan_array(line: str, start: int, path: Path, count: int, depth: int, lineno: int,
+                lines: dict[Path, int]) -> tuple[int, int]:
+    """Place the inline-table elements of an array found on `line` from `start` on.
+
+    `depth` counts open brackets and braces; an element is a `{` directly inside the array
+    (depth 1), so tables or arrays nested in an element neither start elements nor close the
+    array. Returns the new element count and depth (0: the array is closed)."""
+    code = _code(line)
+    elem_start: int | None = None
+    for i in range(start, len(code)):
+        ch = code[i]
+        if ch in "[{":
+            if ch == "{" and depth == 1:
+                elem_start = i
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if ch == "}" and depth == 1 and elem_start is not None:
+                _place_inline(line, code, elem_start, i, (*path, count), lineno, lines)
+                elem_start, count = None, count + 1
+            if depth == 0:
+                break
+    if elem_start is not None:  # an element left open: place what we have
+        _place_inline(line, code, elem_start, len(code), (*path, count), lineno, lines)
+        count += 1
+    return count, depth
+
+
+def _place_inline(line: str, code: str, start: int, end: int, path: Path, lineno: int,
+                  lines: dict[Path, int]) -> None:
+    lines.setdefault(path, lineno)
+    for m in _INLINE_KEY.finditer(code, start, end):
+        lines.setdefault((*path, line[m.start(1):m.end(1)].strip('"')), lineno)
+
+
 def key_lines(text: str) -> dict[Path, int]:
     lines: dict[Path, int] = {}
     array_index: dict[tuple[str, ...], int] = {}
     prefix: list[str | int] = []
-    open_array: tuple[Path, int] | None = None  # (path of the array key, element count)
+    open_array: tuple[Path, int, int] | None = None  # (array path, elements, depth)
     in_multiline: str | None = None
 
     def resolve(keys: list[str]) -> list[str | int]:
@@ -50,16 +97,9 @@ def key_lines(text: str) -> dict[Path, int]:
         if not stripped or stripped.startswith("#"):
             continue
         if open_array is not None:
-            path, count = open_array
-            for _ in re.finditer(r"\{", line):
-                elem: Path = (*path, count)
-                lines.setdefault(elem, lineno)
-                for m in _INLINE_KEY.finditer(line[line.index("{"):]):
-                    lines.setdefault((*elem, m.group(1).strip('"')), lineno)
-                count += 1
-            open_array = (path, count)
-            if "]" in line and "{" not in line.split("]")[-1]:
-                open_array = None
+            path, count, depth = open_array
+            count, depth = _scan_array(line, 0, path, count, depth, lineno, lines)
+            open_array = (path, count, depth) if depth > 0 else None
             continue
         header = _HEADER.match(line)
         if header and not _KEY.match(line):
@@ -85,17 +125,13 @@ def key_lines(text: str) -> dict[Path, int]:
             if value.startswith(quote) and value.count(quote) == 1:
                 in_multiline = quote
         if value.startswith("{"):
-            for m in _INLINE_KEY.finditer(value):
-                lines.setdefault((*path, m.group(1).strip('"')), lineno)
+            code = _code(line)
+            for m in _INLINE_KEY.finditer(code, key.start(2)):
+                lines.setdefault((*path, line[m.start(1):m.end(1)].strip('"')), lineno)
         elif value.startswith("["):
-            count = 0
-            for _ in re.finditer(r"\{", value):
-                lines.setdefault((*path, count), lineno)
-                count += 1
-            for m in _INLINE_KEY.finditer(value):
-                lines.setdefault((*path, 0, m.group(1).strip('"')), lineno)
-            if value.count("[") > value.count("]"):
-                open_array = (path, count)
+            count, depth = _scan_array(line, key.start(2), path, 0, 0, lineno, lines)
+            if depth > 0:
+                open_array = (path, count, depth)
     return lines
 
 

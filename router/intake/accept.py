@@ -1,0 +1,168 @@
+"""The single durable entry point: raw bytes and envelope in, committed row out.
+
+A channel may tell its sender "accepted" (SMTP 250, IMAP flag/move, pipe exit 0) only after
+`accept` returns. Messages are written by one writer with *adaptive group commit*: whatever
+arrived while the previous commit ran goes into the next transaction, so one fsync serves many
+messages under load and a lone message still commits at once (PERF-NOTES: a fixed wait window
+collapses single-connection throughput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from router import log
+from router.clock import Clock, system_clock
+from router.db import is_sqlite
+from router.mail import dedupe_key, quick_headers
+from router.models import Inbound, InboundStatus
+
+INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+
+
+class StorageUnavailable(Exception):
+    """The database could not commit: the sender must retry later (SMTP 451, exit 75)."""
+
+
+@dataclass
+class Envelope:
+    channel: str
+    mail_from: str
+    rcpt_to: Sequence[str]
+    raw: bytes
+    received_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _row(env: Envelope, now: datetime) -> dict[str, Any]:
+    quick = quick_headers(env.raw)
+    return {
+        "received_at": env.received_at or now,
+        "channel": env.channel,
+        "mail_from": env.mail_from,
+        "rcpt_to": list(env.rcpt_to),
+        "raw": env.raw,
+        "size": len(env.raw),
+        "message_id": quick.message_id,
+        "dedupe_key": dedupe_key(env.raw, quick),
+        "deliveries": 1,
+        "status": InboundStatus.NEW,
+        "attempts": 0,
+    }
+
+
+def _merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dedupe key: a batch may hold the same mail twice (two RCPT deliveries
+    racing), and PostgreSQL refuses to upsert one row twice in a statement."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen = by_key.get(r["dedupe_key"])
+        if seen is None:
+            by_key[r["dedupe_key"]] = r
+        else:
+            seen["deliveries"] += 1
+            seen["rcpt_to"] = list(dict.fromkeys([*seen["rcpt_to"], *r["rcpt_to"]]))
+    return list(by_key.values())
+
+
+def insert_statement(engine: Engine) -> Any:
+    """INSERT that counts a repeated delivery instead of storing the mail twice."""
+    dialect = sqlite if is_sqlite(str(engine.url)) else postgresql
+    stmt = dialect.insert(INBOUND)
+    return stmt.on_conflict_do_update(
+        index_elements=[INBOUND.c.dedupe_key],
+        set_={"deliveries": INBOUND.c.deliveries + stmt.excluded.deliveries},
+    )
+
+
+def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    try:
+        with engine.begin() as conn:
+            conn.execute(stmt, rows)
+    except Exception as exc:  # any failure to commit means "not accepted"
+        raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def accept_sync(engine: Engine, env: Envelope, clock: Clock = system_clock) -> None:
+    """One message, one transaction: for the pipe channel and tools."""
+    write_rows(engine, insert_statement(engine), [_row(env, clock())])
+
+
+class Acceptor:
+    """Group-committing writer shared by all connections of one process."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = system_clock, max_batch: int = 512,
+                 on_commit: Callable[[int], None] | None = None) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self._stmt = insert_statement(engine)
+        self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
+        self._task: asyncio.Task[None] | None = None
+        self._log = log.get("router.intake")
+        self.batches = 0
+        self.accepted = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._writer(), name="intake-writer")
+
+    async def stop(self) -> None:
+        """Finish what is pending (those senders are waiting for an answer), then stop."""
+        if self._task is not None:
+            while self._pending:
+                await asyncio.sleep(0.005)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def accept(self, env: Envelope) -> None:
+        """Return once the message is committed; raise StorageUnavailable if it was not."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((env, fut))
+        self._wake.set()
+        await fut
+
+    def _write(self, envs: list[Envelope]) -> None:
+        # Header parsing and hashing run here, off the event loop's hot path.
+        now = self.clock()
+        write_rows(self.engine, self._stmt, _merge_duplicates([_row(e, now) for e in envs]))
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                try:
+                    await loop.run_in_executor(self._executor, self._write,
+                                               [e for e, _ in batch])
+                except Exception as exc:
+                    err = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
+                        f"{type(exc).__name__}: {exc}")
+                    self._log.error("intake_commit_failed", error=str(err), batch=len(batch))
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                self.batches += 1
+                self.accepted += len(batch)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+                if self.on_commit is not None:
+                    self.on_commit(len(batch))

@@ -1,0 +1,265 @@
+"""The honest ETA: by when a person will answer, computed from what the team actually does.
+
+`history` reads recent first-response times, the queue and the answer rate from the tickets
+table; `estimate` turns them into a `Promise`; `describe` words it for the customer;
+`promise_kept` checks it afterwards. Waits are measured in business seconds (open time of the
+team's calendar), so a weekend does not count as slowness and a promise made on Friday evening
+lands on Monday.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from sqlmodel import col, select
+
+from router.models import Ticket, TicketStatus
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from router.calendar import BusinessCalendar
+
+BASIS_HISTORY = "history"
+BASIS_SLA = "sla_fallback"
+
+FLOOR = 10 * 60                      # never promise a faster answer than this
+SHORT_WAIT = timedelta(hours=4)      # up to this far ahead, say "within about N hours"
+RATE_WINDOW_HOURS = 8.0              # business hours over which the answer rate is measured
+
+
+@dataclass
+class Promise:
+    deadline: datetime               # aware UTC
+    business_seconds: float          # open time between now and the deadline
+    basis: str                       # "history" | "sla_fallback"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- numbers
+
+def sample_quantile(samples: list[float], q: float) -> float:
+    """The smallest sample that at least a share `q` of the samples do not exceed.
+
+    Nearest rank rather than interpolation: the result is a wait that really happened, and it
+    errs towards the longer wait, which is the side a promise should err on.
+    """
+    if not samples:
+        raise ValueError("quantile of no samples")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def humane_round(seconds: float, day_seconds: float) -> tuple[float, str]:
+    """Round a business duration up to what a person would say: quarter hours up to an
+    hour, whole hours up to a business day, half business days beyond."""
+    if seconds <= 3600:
+        step, unit = 900.0, "15min"
+    elif seconds <= day_seconds:
+        step, unit = 3600.0, "1h"
+    else:
+        step, unit = day_seconds / 2, "half_day"
+    return math.ceil(seconds / step - 1e-9) * step, unit
+
+
+def _ceil_local(dt: datetime, tz: ZoneInfo, step: int) -> datetime:
+    """Round a moment up to a whole `step` of local wall time (so 10:52 reads 11:00)."""
+    local = dt.astimezone(tz)
+    offset = local.utcoffset() or timedelta(0)
+    wall = local.replace(tzinfo=None) - datetime(1970, 1, 1)
+    secs = wall.total_seconds()
+    rounded = math.ceil(secs / step - 1e-9) * step
+    out = dt + timedelta(seconds=rounded - secs)
+    # Across a DST change the offset may differ at the rounded moment; never round down.
+    if (out.astimezone(tz).utcoffset() or offset) != offset:
+        return dt
+    return out.astimezone(UTC)
+
+
+# ---------------------------------------------------------------------------- estimate
+
+def estimate(now: datetime, calendar: BusinessCalendar, samples: list[float], backlog: int,
+             answer_rate: float | None, sla_target: timedelta, quantile: float = 0.9,
+             min_samples: int = 20, *, sla_business_hours: bool = True,
+             floor: float = FLOOR) -> Promise:
+    """Promise a first-response time the team will beat about `quantile` of the time.
+
+    The reasoning, in business seconds throughout:
+
+    1. ``q`` = the `quantile` of recent first-response times. It already contains the wait
+       caused by the queue those tickets typically found ahead of them, plus the spread
+       (slow replies, interruptions, the queue being longer than usual).
+    2. In a FIFO queue a ticket waits roughly for the backlog ahead of it to be cleared:
+       ``drain = (backlog + 1) / R`` hours at answer rate ``R`` (the +1 is its own reply).
+       The typical sample waited ``median`` of samples, which by the same relation
+       corresponds to a typical backlog of ``R * median``. So the queue *beyond* the usual
+       costs ``max(0, drain - median)`` extra, and the promise is
+       ``q + max(0, drain - median)``, i.e. ``max(q, drain + (q - median))``: the usual
+       queue is counted once (inside ``q``), and when today's queue is longer its drain time
+       replaces the typical wait while the historical spread ``q - median`` stays on top as
+       the margin for the rate wobbling. Adding ``backlog / R`` to ``q`` outright would count
+       the usual queue twice and over-promise every day.
+    3. No rate (nothing answered lately) means no adjustment; the detail says so.
+    4. Never less than `floor`; rounded up (`humane_round`); converted to a wall-clock
+       deadline with the calendar, and deadlines that will be shown as a clock time are
+       rounded up to the next full local hour.
+
+    Fewer than `min_samples` samples: the team's SLA target instead, basis "sla_fallback".
+    """
+    if now.tzinfo is None:
+        raise ValueError("estimate needs an aware `now`")
+    now = now.astimezone(UTC)
+    detail: dict[str, Any] = {
+        "samples": len(samples), "min_samples": min_samples, "quantile": quantile,
+        "backlog": backlog, "rate_per_hour": answer_rate, "floor_seconds": floor,
+    }
+    if len(samples) < min_samples:
+        detail["reason"] = (f"only {len(samples)} first responses in the history window, "
+                            f"fewer than {min_samples}; promising the SLA target instead")
+        detail["sla_target_seconds"] = sla_target.total_seconds()
+        detail["sla_business_hours"] = sla_business_hours
+        if sla_business_hours:
+            deadline = calendar.add_business(now, sla_target.total_seconds())
+        else:
+            deadline = now + sla_target
+        return _finish(now, calendar, deadline, BASIS_SLA, detail)
+
+    q = sample_quantile(samples, quantile)
+    median = sample_quantile(samples, 0.5)
+    detail["quantile_seconds"] = q
+    detail["median_seconds"] = median
+    if answer_rate is not None and answer_rate > 0:
+        drain = (backlog + 1) / answer_rate * 3600.0
+        adjustment = max(0.0, drain - median)
+        detail["drain_seconds"] = drain
+    else:
+        adjustment = 0.0
+        detail["drain_seconds"] = None
+        if backlog:
+            detail["reason"] = "no recent answer rate; backlog not adjusted for"
+    detail["adjustment_seconds"] = adjustment
+    raw = max(float(floor), q + adjustment)
+    detail["raw_seconds"] = raw
+    rounded, unit = humane_round(raw, calendar.typical_day_seconds())
+    detail["rounding"] = unit
+    detail["rounded_seconds"] = rounded
+    return _finish(now, calendar, calendar.add_business(now, rounded), BASIS_HISTORY, detail)
+
+
+def _finish(now: datetime, calendar: BusinessCalendar, deadline: datetime, basis: str,
+            detail: dict[str, Any]) -> Promise:
+    if deadline - now > SHORT_WAIT:
+        # Shown as "by Monday, 11:00": a round clock time, later rather than earlier.
+        shown = _ceil_local(deadline, calendar.tz, 3600)
+        detail["clock_rounding_seconds"] = (shown - deadline).total_seconds()
+        deadline = shown
+    return Promise(deadline=deadline.astimezone(UTC),
+                   business_seconds=calendar.business_seconds(now, deadline),
+                   basis=basis, detail=detail)
+
+
+def promise_kept(promised_at: datetime, first_response_at: datetime) -> bool:
+    """A promise is kept when the first response is sent no later than promised."""
+    return first_response_at <= promised_at
+
+
+# ---------------------------------------------------------------------------- history
+
+def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
+            window: timedelta = timedelta(days=28), *, exclude_id: int | None = None,
+            rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], int, float | None]:
+    """(samples, backlog, answer_rate) for `team` as of `now`.
+
+    samples: first-response times in business seconds of tickets created in the window and
+    answered by `now`. backlog: the team's new/open tickets without a first response (minus
+    `exclude_id`, the ticket being acknowledged). answer_rate: first responses per business
+    hour over the last `rate_hours` business hours, counted among the window's tickets so the
+    one query that filters by team and created_at serves both; None if the calendar had no
+    open time to measure over.
+    """
+    since = now - window
+    rows = session.exec(
+        select(Ticket.created_at, Ticket.first_response_at)
+        .where(Ticket.team == team, col(Ticket.created_at) >= since,
+               col(Ticket.created_at) <= now, col(Ticket.first_response_at).is_not(None),
+               col(Ticket.first_response_at) <= now)
+    ).all()
+    samples: list[float] = []
+    answered_at: list[datetime] = []
+    for created, first in rows:
+        if first is None:
+            continue
+        samples.append(calendar.business_seconds(created, first))
+        answered_at.append(first)
+
+    stmt = select(Ticket.id).where(
+        Ticket.team == team, col(Ticket.status).in_((TicketStatus.NEW, TicketStatus.OPEN)),
+        col(Ticket.first_response_at).is_(None))
+    if exclude_id is not None:
+        stmt = stmt.where(Ticket.id != exclude_id)
+    backlog = len(session.exec(stmt).all())
+
+    rate_start = calendar.add_business(now, -rate_hours * 3600.0)
+    hours = calendar.business_seconds(rate_start, now) / 3600.0
+    rate: float | None = None
+    if hours > 0:
+        rate = sum(1 for t in answered_at if t >= rate_start) / hours
+    return samples, backlog, rate
+
+
+# ---------------------------------------------------------------------------- wording
+
+_EN_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_EN_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+              "September", "October", "November", "December")
+_TR_DAYS = ("Pazartesi", "Salı", "Çarşamba", "Perşembe", "Cuma", "Cumartesi", "Pazar")
+_TR_MONTHS = ("Ocak", "Şubat", "Mart", "Nisan", "Mayıs", "Haziran", "Temmuz", "Ağustos",
+              "Eylül", "Ekim", "Kasım", "Aralık")
+# The dative suffix follows the last spoken word of the number: its vowel harmony, and a
+# buffer "y" after a vowel (ikiye, altıya, yediye). Indexed by the last digit, or for round
+# tens by the tens digit (on'a, yirmi'ye, otuz'a, kırk'a, elli'ye; sıfır'a).
+_TR_DATIVE_ONES = ("", "'e", "'ye", "'e", "'e", "'e", "'ya", "'ye", "'e", "'a")
+_TR_DATIVE_TENS = ("'a", "'a", "'ye", "'a", "'a", "'ye")
+
+
+def _tr_dative(hour: int, minute: int) -> str:
+    n = minute if minute else hour
+    if n % 10:
+        return _TR_DATIVE_ONES[n % 10]
+    return _TR_DATIVE_TENS[n // 10]
+
+
+def _zone_label(local: datetime) -> str:
+    abbr = local.tzname() or ""
+    # zoneinfo gives "+03" where a zone has no letters; bare digits read like a typo.
+    return f"UTC{abbr}" if abbr[:1] in "+-" else abbr
+
+
+def describe(promise: Promise, now: datetime, tz: str, language: str = "en") -> str:
+    """The promise in the customer's words: relative for short waits, a clock time else."""
+    lang = (language or "en").lower().replace("_", "-").split("-")[0]
+    wait = (promise.deadline - now).total_seconds()
+    if wait <= SHORT_WAIT.total_seconds():
+        if wait <= 3600:
+            # Quarter hours: a customer reads "about 20 minutes" as a precise figure.
+            minutes = max(15, math.ceil(wait / 900 - 1e-9) * 15)
+            if minutes < 60:
+                return (f"yaklaşık {minutes} dakika içinde" if lang == "tr"
+                        else f"within about {minutes} minutes")
+        hours = max(1, math.ceil(wait / 3600 - 1e-9))
+        if lang == "tr":
+            return f"yaklaşık {hours} saat içinde"
+        return f"within about {hours} hour{'s' if hours != 1 else ''}"
+    local = promise.deadline.astimezone(ZoneInfo(tz))
+    clock = f"{local.hour:02d}:{local.minute:02d}"
+    zone = _zone_label(local)
+    if lang == "tr":
+        return (f"{local.day} {_TR_MONTHS[local.month - 1]} {_TR_DAYS[local.weekday()]}, "
+                f"{clock}{_tr_dative(local.hour, local.minute)} kadar ({zone})")
+    return (f"by {_EN_DAYS[local.weekday()]} {local.day} {_EN_MONTHS[local.month - 1]}, "
+            f"{clock} {zone}")
