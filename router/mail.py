@@ -30,6 +30,8 @@ from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import compat32
 from io import BytesIO
+from itertools import groupby
+from operator import itemgetter
 
 from inscriptis import get_text
 
@@ -290,7 +292,9 @@ def _collapse_ws(value: str) -> str:
     return _WS_RE.sub(" ", value).strip()
 
 
-_ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?(.*?)\?=", re.DOTALL)
+# Encoded text cannot contain "?" (RFC 2047); excluding it also keeps matching linear on
+# hostile headers full of unterminated "=?".
+_ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
 _QP_ESCAPE_RE = re.compile(rb"=([0-9A-Fa-f]{2})")
 
 
@@ -319,12 +323,10 @@ def _decode_encoded_words(value: str, where: str, defects: _Defects) -> str:
     pending: list[tuple[str, bytes]] = []  # (charset, bytes) of adjacent encoded words
 
     def flush() -> None:
-        while pending:
-            charset = pending[0][0]
-            chunk = b""
-            while pending and pending[0][0] == charset:
-                chunk += pending.pop(0)[1]
+        for charset, group in groupby(pending, key=itemgetter(0)):
+            chunk = b"".join(data for _, data in group)
             out.append(_decode_bytes(chunk, charset, f"{where} encoded word", defects))
+        pending.clear()
 
     pos = 0
     for match in _ENCODED_WORD_RE.finditer(value):
@@ -706,10 +708,8 @@ def _payload_bytes(part: Message, where: str, defects: _Defects) -> bytes:
         raw_payload = _raw_payload(part)
         data = _source_bytes(raw_payload) if isinstance(raw_payload, str) else b""
     if cte == "quoted-printable":
-        try:
-            source = _source_bytes(_raw_payload(part))
-        except Exception:
-            source = b""
+        payload = _raw_payload(part)
+        source = _source_bytes(payload) if isinstance(payload, str) else b""
         if re.search(rb"=(?![0-9A-Fa-f]{2}|\r?\n|[ \t]*$)", source, re.MULTILINE):
             defects.add(f"{where}: invalid quoted-printable escapes; kept literally")
     elif (
@@ -1020,7 +1020,7 @@ def _parse(raw: bytes) -> ParsedMail:
     reply_list = _addresses(reply_to_value, "Reply-To", defects) if reply_to_value else []
     to_value = raw_value("to")
     cc_value = raw_value("cc")
-    subject_raw = _first(lowered, "subject")
+    subject_value = next((v for n, v in headers if n.lower() == "subject"), None)
 
     walker = _Walker(defects)
     text = ""
@@ -1045,11 +1045,7 @@ def _parse(raw: bytes) -> ParsedMail:
         reply_to=reply_list[0][1] if reply_list else None,
         to=_addresses(to_value, "To", defects) if to_value else [],
         cc=_addresses(cc_value, "Cc", defects) if cc_value else [],
-        subject=(
-            _collapse_ws(_decode_header_value(subject_raw, "Subject", defects))
-            if subject_raw is not None
-            else ""
-        ),
+        subject=_collapse_ws(subject_value) if subject_value is not None else "",
         date=_parse_date(raw_value("date"), defects),
         text=text,
         html=walker.html,

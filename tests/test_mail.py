@@ -426,6 +426,22 @@ def test_internal_failure_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "Subject:" in parsed.text
 
 
+def test_rfc2231_charset_with_8bit_body() -> None:
+    # Message.get_payload() raises TypeError on exactly this (charset given as an RFC 2231
+    # tuple, 8-bit body); found by fuzzing.
+    raw = b"Subject: x\nContent-Type: text/plain; charset*=utf-8''utf-8\n\nGr\xc3\xbc\xc3\x9fe\n"
+    parsed = parse(raw)
+    assert parsed.text == "Grüße"
+    assert parsed.defects == []
+
+
+def test_hostile_encoded_word_header_is_linear() -> None:
+    raw = b"Subject: " + b"=?a?q?" * 100_000 + b"\n\nx\n"
+    parsed = parse(raw)
+    assert parsed.subject == "=?a?q?" * 100_000
+    assert parsed.text == "x"
+
+
 def test_nul_bytes_do_not_leak() -> None:
     raw = b"Subject: a\x00b\nFrom: x@y.z\n\nbody\x00text\n"
     parsed = parse(raw)
@@ -584,6 +600,7 @@ _HEADER_VALUES = st.one_of(
             "multipart/alternative",
             "text/html; charset=x-unknown",
             "text/plain; charset=base64",
+            "text/plain; charset*=utf-8''utf-8",
             "message/rfc822",
             "base64",
             "quoted-printable",

@@ -1,0 +1,357 @@
+"""SMTP intake benchmark: router against a do-nothing aiosmtpd server, in one run.
+
+    python bench/intake.py [-n 20000] [-c 50] [--json]
+
+Both servers run as subprocesses on loopback and get the same load from this process: N
+messages (realistic sizes, a mix of new mails and replies) over C concurrent connections, a
+new connection per message (as Postfix's smtp-source does). Printed: messages/s for each and
+their ratio, p50/p99 time from the end of DATA to the 250, and for router how long its
+pipeline takes to turn all accepted mail into routed tickets.
+
+Figures from a noisy shared machine are only comparable within one run; report ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAIN = "acme.example"
+ROLES = ["oops", "billing", "support", "sales"]
+
+NULL_SERVER = textwrap.dedent("""
+    import asyncio, sys
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    from aiosmtpd.smtp import SMTP
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 OK"
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: SMTP(Handler()), "127.0.0.1", int(sys.argv[1]),
+                                       backlog=1024)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+""")
+
+CONFIG = """
+templates = "{templates}"
+
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "bench.router"
+max_message_size = "25MB"
+
+[database]
+url = "sqlite:///{db}"
+
+[relay]
+host = "127.0.0.1"
+port = 9
+
+[ack]
+enabled = false
+"""
+TEAMS = "".join(f"""
+[[team]]
+name = "{r}"
+addresses = ["{r}@{DOMAIN}"]
+lead = "lead-{r}@{DOMAIN}"
+members = [{{ name = "Lead {r}", email = "lead-{r}@{DOMAIN}" }}]
+""" for r in ROLES)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_messages(n: int, seed: int) -> list[tuple[str, str, bytes]]:
+    """(sender, recipient, raw) with sizes and a reply share like a support inbox's."""
+    rng = random.Random(seed)
+    words = ("invoice order refund broken login password account delivery please thanks "
+             "problem error page slow payment card help urgent again still wrong").split()
+    out: list[tuple[str, str, bytes]] = []
+    sent_ids: list[str] = []
+    for i in range(n):
+        customer = f"customer{rng.randrange(max(1, n // 4))}@example.net"
+        role = rng.choice(ROLES)
+        msgid = f"<bench.{seed}.{i}@example.net>"
+        headers = [f"From: Customer {i} <{customer}>", f"To: {role}@{DOMAIN}",
+                   f"Message-ID: {msgid}", "Date: Sun, 22 Nov 2026 10:00:00 +0000",
+                   "MIME-Version: 1.0"]
+        if sent_ids and rng.random() < 0.3:
+            parent = rng.choice(sent_ids)
+            headers += [f"Subject: Re: question {i}", f"In-Reply-To: {parent}",
+                        f"References: {parent}"]
+        else:
+            headers.append(f"Subject: question {i} about {rng.choice(words)}")
+        # Sizes: most mails a few KB of text, one in ten with an attachment of 20-200 KB.
+        body_len = int(rng.lognormvariate(7.3, 0.7))
+        body = " ".join(rng.choice(words) for _ in range(body_len // 6))
+        lines = textwrap.wrap(body, 76) or [""]
+        if rng.random() < 0.1:
+            import base64
+
+            blob = base64.encodebytes(rng.randbytes(rng.randrange(20_000, 200_000))).decode()
+            text = ("\r\n".join([*headers, 'Content-Type: multipart/mixed; boundary="b1"', "",
+                                 "--b1", "Content-Type: text/plain; charset=utf-8", "",
+                                 *lines, "--b1",
+                                 "Content-Type: application/pdf; name=\"scan.pdf\"",
+                                 "Content-Transfer-Encoding: base64", "",
+                                 blob.replace("\n", "\r\n"), "--b1--", ""]))
+        else:
+            text = "\r\n".join([*headers, "Content-Type: text/plain; charset=utf-8", "",
+                                *lines, ""])
+        raw = text.encode()
+        out.append((customer, f"{role}@{DOMAIN}", raw))
+        sent_ids.append(msgid)
+    return out
+
+
+@dataclass
+class Result:
+    name: str
+    sent: int
+    ok: int
+    failed: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+async def _expect(reader: asyncio.StreamReader, code: bytes) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        if line[3:4] != b"-":
+            if not line.startswith(code):
+                raise RuntimeError(line.decode(errors="replace").strip())
+            return line
+
+
+def _dot_stuff(raw: bytes) -> bytes:
+    data = raw.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+async def send_one(port: int, sender: str, rcpt: str, payload: bytes) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _expect(reader, b"220")
+        writer.write(b"EHLO bench.client\r\n")
+        await _expect(reader, b"250")
+        writer.write(f"MAIL FROM:<{sender}>\r\n".encode())
+        await _expect(reader, b"250")
+        writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
+        await _expect(reader, b"250")
+        writer.write(b"DATA\r\n")
+        await _expect(reader, b"354")
+        writer.write(payload)
+        t0 = time.perf_counter()
+        await _expect(reader, b"250")
+        latency = time.perf_counter() - t0
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        return latency
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def load(name: str, port: int, messages: list[tuple[str, str, bytes]],
+               concurrency: int) -> Result:
+    payloads = [(s, r, _dot_stuff(raw)) for s, r, raw in messages]
+    queue = iter(payloads)
+    latencies: list[float] = []
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        for sender, rcpt, payload in queue:
+            for _attempt in range(3):
+                try:
+                    latencies.append(await send_one(port, sender, rcpt, payload))
+                    break
+                except (OSError, ConnectionError, RuntimeError):
+                    await asyncio.sleep(0.05)
+            else:
+                failed += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Result(name, len(messages), len(latencies), failed, time.perf_counter() - t0,
+                  latencies)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def pipeline_done(db: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        total = conn.execute("select count(*) from inbound").fetchone()[0]
+        pending = conn.execute("select count(*) from inbound where status = 'new'").fetchone()[0]
+        return total, pending
+    finally:
+        conn.close()
+
+
+def run(n: int, concurrency: int, seed: int, warmup: int) -> dict[str, object]:
+    messages = make_messages(n + warmup, seed)
+    warm, main = messages[:warmup], messages[warmup:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+
+    port = free_port()
+    null = subprocess.Popen([sys.executable, "-c", NULL_SERVER, str(port)], env=env,
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, null)
+        runner(load("warmup", port, warm, concurrency))
+        base = runner(load("aiosmtpd (does nothing)", port, main, concurrency))
+    finally:
+        stop(null)
+
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+        db = Path(tmp) / "router.db"
+        port = free_port()
+        cfg = Path(tmp) / "router.toml"
+        cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates")
+                       + TEAMS)
+        log = open(Path(tmp) / "router.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", str(cfg),
+                                 "--log-json", "--log-level", "warning"],
+                                env=env, stdout=log, stderr=log, cwd=REPO)
+        try:
+            wait_port(port, proc)
+            runner(load("warmup", port, warm, concurrency))
+            while pipeline_done(db)[1]:
+                time.sleep(0.1)
+            t0 = time.perf_counter()
+            routed = runner(load("router", port, main, concurrency))
+            accept_done = time.perf_counter() - t0
+            while True:
+                total, pending = pipeline_done(db)
+                if pending == 0 or time.perf_counter() - t0 > 1200:
+                    break
+                time.sleep(0.05)
+            pipeline_secs = time.perf_counter() - t0
+            conn = sqlite3.connect(db)
+            tickets = conn.execute("select count(*) from ticket").fetchone()[0]
+            parked = conn.execute(
+                "select count(*) from inbound where status = 'parked'").fetchone()[0]
+            conn.close()
+        finally:
+            stop(proc)
+            log.close()
+
+    pipeline_rate = routed.ok / pipeline_secs if pipeline_secs else 0.0
+    report = {
+        "messages": n, "concurrency": concurrency, "seed": seed,
+        "mean_size_bytes": int(statistics.mean(len(m[2]) for m in main)),
+        "aiosmtpd": {"rate": round(base.rate, 1), "p50_ms": round(base.pct(0.5), 2),
+                     "p99_ms": round(base.pct(0.99), 2), "failed": base.failed},
+        "router": {"rate": round(routed.rate, 1), "p50_ms": round(routed.pct(0.5), 2),
+                   "p99_ms": round(routed.pct(0.99), 2), "failed": routed.failed,
+                   "accept_seconds": round(accept_done, 2),
+                   "pipeline_seconds": round(pipeline_secs, 2),
+                   "pipeline_rate": round(pipeline_rate, 1),
+                   "tickets": tickets, "parked": parked},
+        "ratio_accept": round(routed.rate / base.rate, 3) if base.rate else None,
+        "ratio_pipeline": round(pipeline_rate / base.rate, 3) if base.rate else None,
+    }
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", "--messages", type=int, default=20_000)
+    ap.add_argument("-c", "--concurrency", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    r = run(args.messages, args.concurrency, args.seed, args.warmup)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    a, b = r["aiosmtpd"], r["router"]
+    assert isinstance(a, dict) and isinstance(b, dict)
+    print(f"{r['messages']} messages (mean {r['mean_size_bytes']} B), "
+          f"{r['concurrency']} connections, new connection per message")
+    print(f"{'server':<26}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    print(f"{'aiosmtpd (does nothing)':<26}{a['rate']:>9}{a['p50_ms']:>9}{a['p99_ms']:>9}"
+          f"{a['failed']:>8}")
+    print(f"{'router (durable, SQLite)':<26}{b['rate']:>9}{b['p50_ms']:>9}{b['p99_ms']:>9}"
+          f"{b['failed']:>8}")
+    print(f"acceptance ratio router/aiosmtpd: {r['ratio_accept']}")
+    print(f"pipeline: all {b['tickets']} tickets routed {b['pipeline_seconds']} s after the "
+          f"first message ({b['pipeline_rate']} msg/s, ratio {r['ratio_pipeline']}), "
+          f"parked {b['parked']}")
+
+
+if __name__ == "__main__":
+    main()
