@@ -32,9 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from router import turnaround  # noqa: E402
-from router.calendar import BusinessCalendar  # noqa: E402
-from router.settings import Member, Team  # noqa: E402
+from router import turnaround
+from router.calendar import BusinessCalendar
+from router.settings import Member, Team
 
 TZ = "Europe/Berlin"
 # A Monday; the default run crosses the March DST change and the Easter holidays (DE-BE).
