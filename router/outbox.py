@@ -97,6 +97,7 @@ class Result:
 
     outcome: str          # "sent" | "retry" | "park"
     detail: str
+    refused: str | None = None   # sent, but some recipients were refused
 
 
 def _smtp_code(exc: BaseException) -> int | None:
@@ -148,12 +149,12 @@ async def deliver(relay: RelaySection, base_dir: str, *, mail_from: str, rcpt_to
         )
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         return classify_error(exc)
-    detail = response
     if errors:
         # Some recipients were refused; the mail went to the rest and cannot be unsent.
-        detail += "; refused: " + ", ".join(f"{r} ({e.code} {e.message})"
-                                            for r, e in errors.items())
-    return Result("sent", detail)
+        refused = "refused: " + ", ".join(f"{r} ({e.code} {e.message})"
+                                          for r, e in errors.items())
+        return Result("sent", f"{response}; {refused}", refused)
+    return Result("sent", response)
 
 
 def backoff(attempts: int, *, base: timedelta, cap: timedelta,
@@ -230,15 +231,21 @@ class OutboxWorker:
             self._loop = asyncio.get_running_loop()
         logger = log.get("router.outbox")
         logger.info("outbox worker started")
+        pause = self.poll
         try:
             while not stop.is_set():
                 self._wake.clear()
                 try:
                     handled = await self.send_due()
-                except Exception:
-                    # A database hiccup must not kill the worker; the rows stay queued.
-                    logger.exception("outbox pass failed")
-                    handled = 0
+                    pause = self.poll
+                except Exception as exc:
+                    # A database outage must not kill the worker (the rows stay queued), nor
+                    # fill the log twice a second while it lasts.
+                    logger.error("outbox pass failed", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in=pause)
+                    await _wait_any(stop, asyncio.Event(), pause)
+                    pause = min(pause * 2, 30.0)
+                    continue
                 if handled >= self.batch:
                     continue  # there may be more due right now
                 await _wait_any(stop, self._wake, self.poll)
@@ -297,27 +304,23 @@ class OutboxWorker:
         table = Outbox.__table__  # type: ignore[attr-defined]
         free = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
         due = (table.c.status == OutboxStatus.QUEUED) & (table.c.next_attempt_at <= now) & free
-        out: list[_Claimed] = []
+        pick = (select(table.c.id).where(due)
+                .order_by(table.c.next_attempt_at, table.c.id).limit(self.batch))
+        if self._postgres:
+            # Rows another instance is claiming right now are skipped, not waited for.
+            pick = pick.with_for_update(skip_locked=True)
+        # One statement: on SQLite it takes the write lock before it reads, so two claimers
+        # serialise instead of both reading the same rows (and one failing to upgrade its
+        # read lock); the repeated `due` makes PostgreSQL re-check a row it waited for.
+        stmt = (update(table).where(table.c.id.in_(pick), due).values(claimed_until=until)
+                .returning(table.c.id, table.c.message_id, table.c.ticket_id, table.c.kind,
+                           table.c.mail_from, table.c.rcpt_to, table.c.raw, table.c.attempts))
         with self.engine.begin() as conn:
-            query = (select(table.c.id).where(due)
-                     .order_by(table.c.next_attempt_at, table.c.id).limit(self.batch))
-            if self._postgres:
-                # Rows another instance is claiming right now are skipped, not waited for.
-                query = query.with_for_update(skip_locked=True)
-            ids = list(conn.execute(query).scalars())
-            for row_id in ids:
-                # Conditional: on SQLite there are no row locks, so two claimers may both have
-                # seen the row; only the one whose UPDATE matches owns it.
-                res = conn.execute(update(table).where(table.c.id == row_id, due)
-                                   .values(claimed_until=until))
-                if res.rowcount != 1:
-                    continue
-                r = conn.execute(select(table).where(table.c.id == row_id)).one()
-                out.append(_Claimed(id=r.id, message_id=r.message_id, ticket_id=r.ticket_id,
-                                    kind=r.kind, mail_from=r.mail_from,
-                                    rcpt_to=list(r.rcpt_to or []), raw=bytes(r.raw),
-                                    attempts=r.attempts, lease=until))
-        return out
+            claimed = conn.execute(stmt).all()
+        out = [_Claimed(id=r.id, message_id=r.message_id, ticket_id=r.ticket_id, kind=r.kind,
+                        mail_from=r.mail_from, rcpt_to=list(r.rcpt_to or []), raw=bytes(r.raw),
+                        attempts=r.attempts, lease=until) for r in claimed]
+        return sorted(out, key=lambda c: c.id)
 
     def _record(self, row: _Claimed, result: Result, attempts: int,
                 delay: timedelta | None) -> bool:
@@ -329,7 +332,7 @@ class OutboxWorker:
             cond = (table.c.id == row.id) & (table.c.status == OutboxStatus.QUEUED)
             values: dict[str, Any] = {"status": OutboxStatus.SENT, "sent_at": now,
                                       "attempts": attempts, "claimed_until": None,
-                                      "last_error": None}
+                                      "last_error": result.refused}
         else:
             # A failure only counts if we still hold the lease; otherwise another worker owns
             # the row and its outcome wins.

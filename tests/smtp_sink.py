@@ -41,6 +41,13 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.lower() in self.sink.refuse_rcpt:
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         mode = self.sink.mode
         if mode == "tempfail":
@@ -64,6 +71,7 @@ class SmtpSink:
         self.port = port or free_port()
         self.mode: Mode = "accept"
         self.responder: Callable[[Received], bytes | None] | None = None
+        self.refuse_rcpt: set[str] = set()     # recipients answered with 550 at RCPT
         self._lock = threading.Lock()
         self._messages: list[Received] = []
         self._replies: list[bytes] = []
