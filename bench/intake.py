@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -71,6 +72,9 @@ port = 9
 
 [ack]
 enabled = false
+
+[pipeline]
+workers = {workers}
 """
 TEAMS = "".join(f"""
 [[team]]
@@ -91,7 +95,7 @@ def make_messages(n: int, seed: int) -> list[tuple[str, str, bytes]]:
     """(sender, recipient, raw) with sizes and a reply share like a support inbox's."""
     rng = random.Random(seed)
     words = ("invoice order refund broken login password account delivery please thanks "
-             "problem error page slow payment card help urgent again still wrong").split()
+             "problem error page slow payment card help urgent again still wrong").split(" ")
     out: list[tuple[str, str, bytes]] = []
     sent_ids: list[str] = []
     for i in range(n):
@@ -191,10 +195,8 @@ async def send_one(port: int, sender: str, rcpt: str, payload: bytes) -> float:
         return latency
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 async def load(name: str, port: int, messages: list[tuple[str, str, bytes]],
@@ -254,7 +256,8 @@ def pipeline_done(db: Path) -> tuple[int, int]:
         conn.close()
 
 
-def run(n: int, concurrency: int, seed: int, warmup: int) -> dict[str, object]:
+def run(n: int, concurrency: int, seed: int, warmup: int,
+        intake_only: bool = False) -> dict[str, object]:
     messages = make_messages(n + warmup, seed)
     warm, main = messages[:warmup], messages[warmup:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -279,7 +282,8 @@ def run(n: int, concurrency: int, seed: int, warmup: int) -> dict[str, object]:
         db = Path(tmp) / "router.db"
         port = free_port()
         cfg = Path(tmp) / "router.toml"
-        cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates")
+        cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates",
+                                     workers=0 if intake_only else 1)
                        + TEAMS)
         log = open(Path(tmp) / "router.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", str(cfg),
@@ -288,14 +292,14 @@ def run(n: int, concurrency: int, seed: int, warmup: int) -> dict[str, object]:
         try:
             wait_port(port, proc)
             runner(load("warmup", port, warm, concurrency))
-            while pipeline_done(db)[1]:
+            while not intake_only and pipeline_done(db)[1]:
                 time.sleep(0.1)
             t0 = time.perf_counter()
             routed = runner(load("router", port, main, concurrency))
             accept_done = time.perf_counter() - t0
             while True:
-                total, pending = pipeline_done(db)
-                if pending == 0 or time.perf_counter() - t0 > 1200:
+                _total, pending = pipeline_done(db)
+                if intake_only or pending == 0 or time.perf_counter() - t0 > 1200:
                     break
                 time.sleep(0.05)
             pipeline_secs = time.perf_counter() - t0
@@ -332,9 +336,11 @@ def main() -> None:
     ap.add_argument("-c", "--concurrency", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--intake-only", action="store_true",
+                    help="run router with no pipeline worker (acceptance alone)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    r = run(args.messages, args.concurrency, args.seed, args.warmup)
+    r = run(args.messages, args.concurrency, args.seed, args.warmup, args.intake_only)
     if args.json:
         print(json.dumps(r, indent=2))
         return

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
 from router import db, log
 from router import settings as config
-from router.intake.accept import Acceptor
+from router.intake.accept import Acceptor, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
-from router.pipeline import Pipeline
 from router.rules.address import resolve_address
+from router.worker import PipelineProcess
 
 
 def redact(url: str) -> str:
@@ -36,8 +35,12 @@ def prepare_database(settings: config.Settings) -> None:
 
 
 class Daemon:
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, path: Path, *, log_level: str = "info",
+                 log_json: bool | None = None) -> None:
         self.settings = settings
+        self.path = path
+        self.log_level = log_level
+        self.log_json = log_json
         self.stop = asyncio.Event()
         self._log = log.get("router")
 
@@ -54,14 +57,19 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
 
-        pipeline = Pipeline(url, self.current_settings)
-        pipeline_stop = threading.Event()
-        pipeline_thread = threading.Thread(target=pipeline.run, args=(pipeline_stop,),
-                                           name="pipeline", daemon=True)
-        engine = db.make_engine(url)
-        acceptor = Acceptor(engine, on_commit=lambda _n: pipeline.wake.set())
+        workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
+                                   log_json=self.log_json)
+                   for _ in range(s.pipeline.workers)]
+        for w in workers:
+            w.start()
+
+        def committed(_n: int) -> None:
+            for w in workers:
+                w.notify()
+
+        engine = intake_engine(url)
+        acceptor = Acceptor(engine, on_commit=committed)
         await acceptor.start()
-        pipeline_thread.start()
         server = None
         if s.smtp.enabled:
             handler = IntakeHandler(acceptor, self.owns_address, channel=s.smtp.protocol)
@@ -79,16 +87,12 @@ class Daemon:
             server.close()
             await server.wait_closed()
         await acceptor.stop()
-        pipeline_stop.set()
-        pipeline.wake.set()
-        await asyncio.to_thread(pipeline_thread.join, 30)
-        pipeline.close()
+        exits = [await asyncio.to_thread(w.stop) for w in workers]
         engine.dispose()
-        self._log.info("router_stopped", accepted=acceptor.accepted,
-                       processed=pipeline.processed, parked=pipeline.parked)
+        self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits)
 
 
-def serve(path: Path) -> int:
+def serve(path: Path, *, log_level: str = "info", log_json: bool | None = None) -> int:
     logger = log.get("router")
     try:
         settings = config.load(path)
@@ -102,11 +106,19 @@ def serve(path: Path) -> int:
         logger.error("database_unavailable", database=redact(settings.database_url),
                      error=f"{type(exc).__name__}: {exc}")
         return 75  # EX_TEMPFAIL: a supervisor should try again
+    # The intake writer thread hands the GIL back and forth with the event loop on every
+    # SQLite call; at the default 5 ms switch interval each handoff can stall a commit that
+    # fifty senders are waiting on.
+    sys.setswitchinterval(0.0005)
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    runner(Daemon(settings).run())
+    try:
+        runner(Daemon(settings, path, log_level=log_level, log_json=log_json).run())
+    except OSError as exc:
+        logger.error("cannot_listen", smtp=settings.smtp.listen, error=str(exc))
+        return 71  # EX_OSERR
     return 0

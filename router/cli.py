@@ -56,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.app import serve
 
     log.setup(args.log_level, json=args.log_json)
-    return serve(config.config_path(args.config))
+    return serve(config.config_path(args.config), log_level=args.log_level,
+                 log_json=args.log_json)
 
 
 def cmd_db(args: argparse.Namespace) -> int:

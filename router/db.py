@@ -26,24 +26,31 @@ def normalize_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL lets readers run beside the writer; FULL makes a commit survive power loss, which
-    # is what a 250 promises the sending MTA.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+def _sqlite_pragmas(busy_ms: int, autocheckpoint: bool) -> Any:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL lets readers run beside the writer; FULL makes a commit survive power loss,
+        # which is what a 250 promises the sending MTA.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        if not autocheckpoint:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
+        cur.close()
+    return apply
 
 
 def _sqlite_manual_transactions(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
 
 
-def make_engine(url: str, *, immediate: bool = False, **kw: Any) -> Engine:
+def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
+                autocheckpoint: bool = True, **kw: Any) -> Engine:
     """An engine with our SQLite settings; `immediate` engines take SQLite's write lock at
-    BEGIN, so a read-then-write transaction cannot fail half-way on a stale snapshot."""
+    BEGIN, so a read-then-write transaction cannot fail half-way on a stale snapshot.
+    `busy_ms` and `autocheckpoint` let the intake writer wait for the lock its own way and
+    leave WAL checkpoints to the other connections (see intake/accept.py)."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = make_url(url).database
@@ -51,7 +58,7 @@ def make_engine(url: str, *, immediate: bool = False, **kw: Any) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
                                **kw)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(busy_ms, autocheckpoint))
         # pysqlite's own transaction handling breaks SAVEPOINT and hides BEGIN; SQLAlchemy's
         # documented remedy is to switch it off and emit BEGIN ourselves.
         event.listen(engine, "connect", _sqlite_manual_transactions)

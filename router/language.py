@@ -12,9 +12,10 @@ import re
 from router.mail import ParsedMail
 
 _TR_LETTERS = re.compile(r"[ğĞşŞıİ]")
-_TR_WORDS = frozenset(
-    "ve bir bu da de için ile ama çok merhaba teşekkürler lütfen sipariş fatura ödeme "
-    "hesabım neden nasıl değil var yok iyi günler rica ederim".split())
+_TR_WORDS = frozenset((
+    "ve", "bir", "bu", "da", "de", "için", "ile", "ama", "çok", "merhaba", "teşekkürler",
+    "lütfen", "sipariş", "fatura", "ödeme", "hesabım", "neden", "nasıl", "değil", "var",
+    "yok", "iyi", "günler", "rica", "ederim"))
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 

@@ -18,11 +18,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Engine, select as sa_select
-from sqlalchemy.orm import defer
-from sqlmodel import Session, select
+from sqlalchemy import Connection, Engine, select, update
 
 from router import log
 from router.classify import classify
@@ -30,36 +28,38 @@ from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
 from router.language import detect_language
 from router.mail import ParsedMail, normalize_address, parse
-from router.models import Article, Customer, Inbound, InboundStatus, Ticket
-from router.route import customer_for, find_thread, open_ticket, thread_onto
+from router.models import Customer, Inbound, InboundStatus
+from router.route import CustomerRef, customer_for, find_thread, open_ticket, thread_onto
 from router.rules import Context
 from router.settings import Settings
 
 INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
 UNKNOWN_SENDER = "unknown-sender@invalid"
 
 
 @dataclass
 class Handled:
-    """What the pipeline did with one message; handed to the hooks that run after routing."""
+    """What the pipeline did with one message; handed to the hooks that run after routing,
+    inside the same transaction (a hook's rows commit or roll back with the ticket)."""
 
-    inbound: Inbound
+    inbound: Any                  # the inbound row (id, mail_from, rcpt_to, received_at ...)
     parsed: ParsedMail
-    ticket: Ticket
-    article: Article
-    customer: Customer
+    ticket_id: int
+    article_id: int
+    customer: CustomerRef
     new_ticket: bool
     settings: Settings
     now: datetime
 
 
 class Hook(Protocol):
-    def __call__(self, session: Session, handled: Handled) -> None: ...
+    def __call__(self, conn: Connection, handled: Handled) -> None: ...
 
 
 class Pipeline:
     def __init__(self, url: str, settings_provider: Callable[[], Settings], *,
-                 clock: Clock = system_clock, batch_size: int = 64,
+                 clock: Clock = system_clock, batch_size: int = 32,
                  hooks: list[Hook] | None = None) -> None:
         self.read_engine: Engine = make_engine(url)
         self.write_engine: Engine = make_engine(url, immediate=True)
@@ -82,7 +82,7 @@ class Pipeline:
     def process_batch(self) -> int:
         with self.read_engine.connect() as conn:
             rows = conn.execute(
-                sa_select(INBOUND.c.id, INBOUND.c.raw)
+                select(INBOUND.c.id, INBOUND.c.raw)
                 .where(INBOUND.c.status == InboundStatus.NEW)
                 .order_by(INBOUND.c.id).limit(self.batch_size)).all()
         if not rows:
@@ -95,71 +95,66 @@ class Pipeline:
                 parsed[row.id] = exc
         # One config for the whole batch: a message finishes under the config it started with.
         settings = self.settings_provider()
-        with Session(self.write_engine, expire_on_commit=False) as session:
-            query = (select(Inbound).options(defer(Inbound.raw))  # type: ignore[arg-type]
-                     .where(Inbound.id.in_(list(parsed)))  # type: ignore[union-attr]
-                     .where(Inbound.status == InboundStatus.NEW)
-                     .order_by(Inbound.id))  # type: ignore[arg-type]
+        cols = [c for c in INBOUND.c if c.name != "raw"]
+        with self.write_engine.begin() as conn:
+            query = (select(*cols).where(INBOUND.c.id.in_(list(parsed)))
+                     .where(INBOUND.c.status == InboundStatus.NEW).order_by(INBOUND.c.id))
             if not self.sqlite:
                 query = query.with_for_update(skip_locked=True)
-            for inbound in session.exec(query).all():
-                self._handle_one(session, inbound, parsed[inbound.id], settings)
-            session.commit()
+            for inbound in conn.execute(query).all():
+                self._handle_one(conn, inbound, parsed[inbound.id], settings)
         return len(rows)
 
-    def _handle_one(self, session: Session, inbound: Inbound,
+    def _handle_one(self, conn: Connection, inbound: Any,
                     parsed: ParsedMail | BaseException, settings: Settings) -> None:
-        inbound_id = inbound.id
-        savepoint = session.begin_nested()
+        savepoint = conn.begin_nested()
         try:
             if isinstance(parsed, BaseException):
                 raise parsed
-            self.handle(session, inbound, parsed, settings)
+            self.handle(conn, inbound, parsed, settings)
             savepoint.commit()
             self.processed += 1
         except Exception as exc:
             savepoint.rollback()
-            tb = traceback.format_exc()
-            inbound = session.get(Inbound, inbound_id)  # type: ignore[assignment]
-            inbound.status = InboundStatus.PARKED
-            inbound.error = tb
-            inbound.attempts += 1
-            inbound.processed_at = self.clock()
+            conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+                status=InboundStatus.PARKED, error=traceback.format_exc(),
+                attempts=inbound.attempts + 1, processed_at=self.clock()))
             self.parked += 1
-            self._log.error("message_parked", inbound_id=inbound_id,
+            self._log.error("message_parked", inbound_id=inbound.id,
                             error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ one message
 
-    def handle(self, session: Session, inbound: Inbound, parsed: ParsedMail,
+    def handle(self, conn: Connection, inbound: Any, parsed: ParsedMail,
                settings: Settings) -> Handled:
         at = inbound.received_at  # SLA clocks start when the mail arrived, not when we got to it
-        sender = (parsed.sender_email or normalize_address(inbound.mail_from)
-                  or UNKNOWN_SENDER)
-        customer = customer_for(session, sender, parsed.sender_name, at)
+        # One customer per address: Alice@Example.org and alice@example.org are one person.
+        sender = normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
+        customer = customer_for(conn, sender, parsed.sender_name, at)
         version = settings.digest[:16] or None
-        match = find_thread(session, parsed, settings)
+        match = find_thread(conn, parsed, settings)
         if match is not None:
-            article = thread_onto(session, match, parsed=parsed, inbound=inbound,
-                                  config_version=version, now=at)
-            ticket, new = match.ticket, False
+            article_id = thread_onto(conn, match, parsed=parsed, inbound=inbound,
+                                     config_version=version, now=at)
+            ticket_id, new = match.ticket_id, False
         else:
             context = Context(settings=settings, envelope_rcpts=list(inbound.rcpt_to),
                               envelope_sender=inbound.mail_from, now=at)
             decision = classify(parsed, context)
             language = detect_language(parsed) or customer.language
             if language and not customer.language:
+                conn.execute(update(CUSTOMER).where(CUSTOMER.c.id == customer.id)
+                             .values(language=language))
                 customer.language = language
-            ticket, article = open_ticket(session, decision=decision, customer=customer,
-                                          parsed=parsed, inbound=inbound, language=language,
-                                          config_version=version, now=at)
+            ticket_id, article_id = open_ticket(
+                conn, decision=decision, customer=customer, parsed=parsed, inbound=inbound,
+                language=language, config_version=version, now=at)
             new = True
-        inbound.status = InboundStatus.DONE
-        inbound.ticket_id = ticket.id
-        inbound.processed_at = self.clock()
-        handled = Handled(inbound, parsed, ticket, article, customer, new, settings, at)
+        conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+            status=InboundStatus.DONE, ticket_id=ticket_id, processed_at=self.clock()))
+        handled = Handled(inbound, parsed, ticket_id, article_id, customer, new, settings, at)
         for hook in self.hooks:
-            hook(session, handled)
+            hook(conn, handled)
         return handled
 
     # ------------------------------------------------------------------ the loop
@@ -195,8 +190,6 @@ class Pipeline:
 
 def retry_parked(engine: Engine, inbound_ids: list[int] | None = None) -> int:
     """Put parked messages back in line (after an admin fixed the cause)."""
-    from sqlalchemy import update
-
     stmt = update(INBOUND).where(INBOUND.c.status == InboundStatus.PARKED)
     if inbound_ids:
         stmt = stmt.where(INBOUND.c.id.in_(inbound_ids))

@@ -39,21 +39,26 @@ from router.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    # `-c` may come before or after the subcommand; a default here would overwrite the value
+    # given before it (`router tickets -c FILE list`), so the inner parsers have none.
+    inner = argparse.ArgumentParser(add_help=False)
+    inner.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="router.toml to use (default: $ROUTER_CONFIG or ./router.toml)")
     sub = parser.add_subparsers(dest="tickets_command", required=True)
-    p = sub.add_parser("list", parents=[common], help="tickets in the queues")
+    p = sub.add_parser("list", parents=[inner], help="tickets in the queues")
     p.add_argument("--team")
     p.add_argument("--status", choices=[*TicketStatus.ALL, "active"],
                    help="active = new, open or pending")
     p.add_argument("--customer", help="all tickets of one customer (mail address)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("show", parents=[common], help="one ticket with its thread")
+    p = sub.add_parser("show", parents=[inner], help="one ticket with its thread")
     p.add_argument("id", type=int)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("parked", parents=[common],
+    p = sub.add_parser("parked", parents=[inner],
                        help="messages the pipeline could not process")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("retry", parents=[common], help="put parked messages back in line")
+    p = sub.add_parser("retry", parents=[inner], help="put parked messages back in line")
     p.add_argument("ids", type=int, nargs="*", help="inbound ids (default: all parked)")
 
 

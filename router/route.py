@@ -2,10 +2,13 @@
 
 Threading keys, tried in this order; the first that names an existing ticket wins:
 1. the ticket token in the subject (``[#1234]``, format from ``router.ticket_token``);
-2. In-Reply-To, then References from newest to oldest, looked up in `ThreadKey`, which
+2. In-Reply-To, then References from newest to oldest, looked up in `thread_key`, which
    holds every Message-ID of a ticket: the customer's and every mail we sent.
 A reply never opens a new ticket when one of these matches; a reply to a solved or closed
 ticket reopens it.
+
+This is the pipeline's hot path, so it speaks SQLAlchemy Core on the model tables: the ORM
+costs 5–15× per row here (PERF-NOTES), and a message touches about ten rows.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlmodel import Session, select
+from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from router.classify import Decision
 from router.mail import ParsedMail
@@ -23,14 +28,39 @@ from router.models import (
     ArticleKind,
     Attachment,
     Customer,
-    Decision as DecisionRow,
     Event,
     Inbound,
     ThreadKey,
     Ticket,
     TicketStatus,
 )
+from router.models import (
+    Decision as DecisionRow,
+)
 from router.settings import Settings
+
+T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
+T_ARTICLE = Article.__table__  # type: ignore[attr-defined]
+T_ATTACH = Attachment.__table__  # type: ignore[attr-defined]
+T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
+T_DECISION = DecisionRow.__table__  # type: ignore[attr-defined]
+T_EVENT = Event.__table__  # type: ignore[attr-defined]
+T_THREAD = ThreadKey.__table__  # type: ignore[attr-defined]
+T_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+
+# Built once: constructing a statement per call costs more than executing it.
+_SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
+    T_TICKET.c.id == bindparam("tid"))
+_SEL_CUSTOMER = select(T_CUSTOMER.c.id, T_CUSTOMER.c.name, T_CUSTOMER.c.language).where(
+    T_CUSTOMER.c.email == bindparam("email"))
+_INS_CUSTOMER = insert(T_CUSTOMER).returning(T_CUSTOMER.c.id)
+_UPD_CUSTOMER = update(T_CUSTOMER).where(T_CUSTOMER.c.id == bindparam("cid")).values(
+    last_seen_at=bindparam("last_seen_at"), name=bindparam("name"))
+_INS_TICKET = insert(T_TICKET).returning(T_TICKET.c.id)
+_INS_ARTICLE = insert(T_ARTICLE).returning(T_ARTICLE.c.id)
+_INS_ATTACH = insert(T_ATTACH)
+_INS_DECISION = insert(T_DECISION)
+_INS_EVENT = insert(T_EVENT)
 
 _token_cache: dict[str, re.Pattern[str]] = {}
 
@@ -50,107 +80,121 @@ def format_token(settings: Settings, ticket_id: int) -> str:
 
 @dataclass
 class ThreadMatch:
-    ticket: Ticket
+    ticket_id: int
+    status: str
     key: str        # subject-token | in-reply-to | references
     value: str
 
 
-def find_thread(session: Session, parsed: ParsedMail, settings: Settings) -> ThreadMatch | None:
+def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> ThreadMatch | None:
     for m in token_pattern(settings.router.ticket_token).finditer(parsed.subject):
-        ticket = session.get(Ticket, int(m.group(1)))
-        if ticket is not None:
-            return ThreadMatch(ticket, "subject-token", m.group(0))
+        row = conn.execute(_SEL_TICKET_STATUS, {"tid": int(m.group(1))}).first()
+        if row is not None:
+            return ThreadMatch(row.id, row.status, "subject-token", m.group(0))
     keyed = [("in-reply-to", mid) for mid in parsed.in_reply_to]
     keyed += [("references", mid) for mid in reversed(parsed.references)]
+    if not keyed:
+        return None
+    found = {r.message_id: r for r in conn.execute(
+        select(T_THREAD.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
+        .join(T_TICKET, T_TICKET.c.id == T_THREAD.c.ticket_id)
+        .where(T_THREAD.c.message_id.in_([mid for _, mid in keyed])))}
     for key, mid in keyed:
-        tk = session.get(ThreadKey, mid)
-        if tk is not None:
-            ticket = session.get(Ticket, tk.ticket_id)
-            if ticket is not None:
-                return ThreadMatch(ticket, key, mid)
+        if mid in found:
+            return ThreadMatch(found[mid].id, found[mid].status, key, mid)
     return None
 
 
-def customer_for(session: Session, email: str, name: str, now: datetime) -> Customer:
+@dataclass
+class CustomerRef:
+    id: int
+    email: str
+    name: str
+    language: str | None
+
+
+def customer_for(conn: Connection, email: str, name: str, now: datetime) -> CustomerRef:
     """One customer record per mail address, whichever role address or channel it used."""
-    customer = session.exec(select(Customer).where(Customer.email == email)).first()
-    if customer is None:
-        customer = Customer(email=email, name=name, created_at=now, last_seen_at=now)
-        session.add(customer)
-        session.flush()
-    else:
-        customer.last_seen_at = now
-        if name and not customer.name:
-            customer.name = name
-    return customer
+    row = conn.execute(_SEL_CUSTOMER, {"email": email}).first()
+    if row is None:
+        cid = conn.execute(_INS_CUSTOMER, {
+            "email": email, "name": name, "language": None, "vip": False, "created_at": now,
+            "last_seen_at": now, "attributes": {}}).scalar_one()
+        return CustomerRef(cid, email, name, None)
+    conn.execute(_UPD_CUSTOMER, {"cid": row.id, "last_seen_at": now,
+                                 "name": row.name or name})
+    return CustomerRef(row.id, email, row.name or name, row.language)
 
 
-def add_article(session: Session, ticket: Ticket, inbound: Inbound, parsed: ParsedMail,
-                now: datetime) -> Article:
-    article = Article(
-        ticket_id=ticket.id, inbound_id=inbound.id, kind=ArticleKind.IN,
-        message_id=parsed.message_id, sender=parsed.sender_email or inbound.mail_from,
-        sender_name=parsed.sender_name,
-        recipients=[a for _, a in parsed.to] + [a for _, a in parsed.cc],
-        subject=parsed.subject, body_text=parsed.text, body_html=parsed.html,
-        malformed=parsed.malformed, defects=parsed.defects[:50], created_at=now)
-    session.add(article)
-    session.flush()
-    for att in parsed.attachments:
-        session.add(Attachment(article_id=article.id, filename=att.filename,
-                               content_type=att.content_type, size=att.size, sha256=att.sha256,
-                               inline=att.inline, data=att.data))
-    if parsed.message_id and session.get(ThreadKey, parsed.message_id) is None:
-        session.add(ThreadKey(message_id=parsed.message_id, ticket_id=ticket.id))
-    return article
+def _insert_ignore(conn: Connection, table: Any) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
 
 
-def open_ticket(session: Session, *, decision: Decision, customer: Customer, parsed: ParsedMail,
-                inbound: Inbound, language: str | None, config_version: str | None,
-                now: datetime) -> tuple[Ticket, Article]:
-    ticket = Ticket(team=decision.team, priority=decision.priority,
-                    subject=parsed.subject or "(no subject)", customer_id=customer.id,
-                    address=decision.address, tag=decision.tag, language=language,
-                    created_at=now, updated_at=now, last_customer_at=now,
-                    config_version=config_version)
-    session.add(ticket)
-    session.flush()
-    article = add_article(session, ticket, inbound, parsed, now)
-    session.add(DecisionRow(ticket_id=ticket.id, inbound_id=inbound.id, kind="route",
-                            team=decision.team, priority=decision.priority,
-                            address=decision.address, tag=decision.tag, reason=decision.reason,
-                            hits=decision.hits_json(), config_version=config_version,
-                            created_at=now))
-    session.add(Event(at=now, ticket_id=ticket.id, kind="created",
-                      data={"team": decision.team, "address": decision.address,
-                            "tag": decision.tag, "inbound_id": inbound.id}))
-    return ticket, article
+def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMail,
+                now: datetime) -> int:
+    article_id: int = conn.execute(_INS_ARTICLE, {
+        "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": ArticleKind.IN,
+        "automatic": False, "message_id": parsed.message_id,
+        "sender": parsed.sender_email or inbound.mail_from, "sender_name": parsed.sender_name,
+        "recipients": [a for _, a in parsed.to] + [a for _, a in parsed.cc],
+        "subject": parsed.subject, "body_text": parsed.text, "body_html": parsed.html,
+        "author": None, "malformed": parsed.malformed, "defects": parsed.defects[:50],
+        "created_at": now}).scalar_one()
+    if parsed.attachments:
+        conn.execute(_INS_ATTACH, [
+            {"article_id": article_id, "filename": a.filename, "content_type": a.content_type,
+             "size": a.size, "sha256": a.sha256, "inline": a.inline, "data": a.data}
+            for a in parsed.attachments])
+    if parsed.message_id:
+        conn.execute(_insert_ignore(conn, T_THREAD),
+                     {"message_id": parsed.message_id, "ticket_id": ticket_id})
+    return article_id
 
 
-def thread_onto(session: Session, match: ThreadMatch, *, parsed: ParsedMail, inbound: Inbound,
-                config_version: str | None, now: datetime) -> Article:
-    ticket = match.ticket
-    article = add_article(session, ticket, inbound, parsed, now)
+def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
+                parsed: ParsedMail, inbound: Any, language: str | None,
+                config_version: str | None, now: datetime) -> tuple[int, int]:
+    ticket_id: int = conn.execute(_INS_TICKET, {
+        "team": decision.team, "status": TicketStatus.NEW, "priority": decision.priority,
+        "subject": parsed.subject or "(no subject)", "customer_id": customer.id,
+        "address": decision.address, "tag": decision.tag, "language": language,
+        "assignee": None, "created_at": now, "updated_at": now, "last_customer_at": now,
+        "reopened": 0, "config_version": config_version}).scalar_one()
+    article_id = add_article(conn, ticket_id, inbound, parsed, now)
+    conn.execute(_INS_DECISION, {
+        "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": "route",
+        "team": decision.team, "priority": decision.priority, "address": decision.address,
+        "tag": decision.tag, "reason": decision.reason, "hits": decision.hits_json(),
+        "config_version": config_version, "created_at": now})
+    conn.execute(_INS_EVENT, {
+        "at": now, "ticket_id": ticket_id, "kind": "created",
+        "data": {"team": decision.team, "address": decision.address, "tag": decision.tag,
+                 "inbound_id": inbound.id}})
+    return ticket_id, article_id
+
+
+def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inbound: Any,
+                config_version: str | None, now: datetime) -> int:
+    ticket = conn.execute(select(T_TICKET).where(T_TICKET.c.id == match.ticket_id)).one()
+    article_id = add_article(conn, ticket.id, inbound, parsed, now)
     reopened = ticket.status in (TicketStatus.SOLVED, TicketStatus.CLOSED)
-    previous = ticket.status
+    values: dict[str, Any] = {"updated_at": now, "last_customer_at": now}
     if reopened:
-        ticket.reopened += 1
-        ticket.solved_at = None
+        values.update(reopened=ticket.reopened + 1, solved_at=None)
     if ticket.status != TicketStatus.NEW:
-        ticket.status = TicketStatus.OPEN
-    ticket.updated_at = now
-    ticket.last_customer_at = now
-    session.add(DecisionRow(ticket_id=ticket.id, inbound_id=inbound.id, kind="thread",
-                            team=ticket.team, priority=ticket.priority, address=ticket.address,
-                            tag=ticket.tag,
-                            reason=f"threaded by {match.key} {match.value}",
-                            hits=[{"rule": "thread", "matched": True, "key": match.key,
-                                   "value": match.value,
-                                   "reason": f"{match.key} {match.value} names ticket "
-                                             f"{ticket.id}"}],
-                            config_version=config_version, created_at=now))
-    session.add(Event(at=now, ticket_id=ticket.id,
-                      kind="reopened" if reopened else "customer_reply",
-                      data={"inbound_id": inbound.id, "by": match.key,
-                            "previous_status": previous}))
-    return article
+        values["status"] = TicketStatus.OPEN
+    conn.execute(update(T_TICKET).where(T_TICKET.c.id == ticket.id).values(**values))
+    conn.execute(_INS_DECISION, {
+        "ticket_id": ticket.id, "inbound_id": inbound.id, "kind": "thread",
+        "team": ticket.team, "priority": ticket.priority, "address": ticket.address,
+        "tag": ticket.tag, "reason": f"threaded by {match.key} {match.value}",
+        "hits": [{"rule": "thread", "matched": True, "key": match.key, "value": match.value,
+                  "reason": f"{match.key} {match.value} names ticket {ticket.id}"}],
+        "config_version": config_version, "created_at": now})
+    conn.execute(_INS_EVENT, {
+        "at": now, "ticket_id": ticket.id,
+        "kind": "reopened" if reopened else "customer_reply",
+        "data": {"inbound_id": inbound.id, "by": match.key,
+                 "previous_status": ticket.status}})
+    return article_id

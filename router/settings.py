@@ -170,6 +170,12 @@ class WebSection(Strict):
         return v
 
 
+class PipelineSection(Strict):
+    workers: int = Field(default=1, ge=0, le=16)   # 0: this instance only takes mail in
+    batch_size: int = Field(default=8, ge=1, le=1000)
+    nice: int = Field(default=19, ge=0, le=19)     # intake's 250 comes before routing
+
+
 class AckSection(Strict):
     enabled: bool = True
     grace_period: timedelta = timedelta(hours=24)
@@ -346,6 +352,7 @@ class Settings(Strict):
     relay: RelaySection = RelaySection()
     web: WebSection = WebSection()
     ack: AckSection = AckSection()
+    pipeline: PipelineSection = PipelineSection()
     templates: str = "templates"
     team: list[Team]
     imap: list[ImapAccount] = []

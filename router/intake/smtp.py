@@ -24,7 +24,9 @@ from typing import Any
 
 import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session as SmtpSession
 
 from router import log
 from router.intake.accept import Acceptor, Envelope, StorageUnavailable

@@ -1,0 +1,9 @@
+"""What runs after a message is routed, inside the routing transaction."""
+
+from __future__ import annotations
+
+from router.pipeline import Hook
+
+
+def default_hooks() -> list[Hook]:
+    return []

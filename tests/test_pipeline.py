@@ -1,0 +1,352 @@
+"""The pipeline from stored message to ticket: routing with reasons, dedupe across deliveries
+and channels, parking, customers, attachments, every message of two mail corpora, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sysconfig
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from router import settings as config
+from router.mail import dedupe_key, parse
+from router.models import (
+    Article,
+    Attachment,
+    Customer,
+    Decision,
+    Event,
+    Inbound,
+    InboundStatus,
+    Ticket,
+)
+from router.pipeline import Handled
+from tests.daemon import (
+    MakeRouter,
+    Store,
+    inbound_rows,
+    inproc_routers,
+    make_mail,
+    open_store,
+    run_cli,
+    send_smtp,
+)
+
+CASES = Path(__file__).parent / "mail_cases"
+CORPUS = Path(sysconfig.get_path("stdlib")) / "test" / "test_email" / "data"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(tmp_path / "etc") as s:
+        yield s
+
+
+@pytest.fixture
+async def inproc(tmp_path: Path) -> AsyncIterator[MakeRouter]:
+    async with inproc_routers(tmp_path) as make:
+        yield make
+
+
+def all_of(store: Store, model: Any) -> list[Any]:
+    with store.session() as s:
+        return list(s.exec(select(model).order_by(model.id)).all())
+
+
+def cli_json(store: Store, *args: str) -> Any:
+    res = run_cli(*args, "-c", str(store.config_path), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    return json.loads(res.stdout)
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def test_message_becomes_ticket_with_explaining_decision(store: Store) -> None:
+    store.accept(make_mail(to="oops@acme.test", subject="site is down",
+                           frm="Dana <dana@example.org>"), ["oops@acme.test"],
+                 mail_from="dana@example.org")
+    assert store.drain() == 1
+    [t] = all_of(store, Ticket)
+    assert (t.team, t.address, t.tag, t.status) == ("ops", "oops@acme.test", None, "new")
+    assert t.subject == "site is down"
+    [d] = all_of(store, Decision)
+    assert (d.ticket_id, d.kind, d.team, d.address) == (t.id, "route", "ops", "oops@acme.test")
+    [hit] = d.hits
+    assert hit["rule"] == "address" and hit["matched"] is True and hit["via"] == "To"
+    assert "oops@acme.test" in hit["reason"] and "team ops" in hit["reason"]
+    assert d.reason == hit["reason"]
+    [inb] = all_of(store, Inbound)
+    assert (inb.status, inb.ticket_id, inb.error) == (InboundStatus.DONE, t.id, None)
+    assert [e.kind for e in all_of(store, Event)] == ["created"]
+    [a] = all_of(store, Article)
+    assert (a.ticket_id, a.inbound_id, a.kind, a.sender) == (t.id, inb.id, "in",
+                                                             "dana@example.org")
+    assert "Please help." in a.body_text
+
+
+@pytest.mark.parametrize("order", [["billing@acme.test", "support@acme.test"],
+                                   ["support@acme.test", "billing@acme.test"]],
+                         ids=["billing-first", "support-first"])
+@pytest.mark.parametrize("drain_between", [False, True], ids=["together", "drained-between"])
+async def test_two_role_addresses_one_ticket_first_to_wins(
+        inproc: MakeRouter, order: list[str], drain_between: bool) -> None:
+    r = await inproc()
+    raw = make_mail(to="billing@acme.test", cc="support@acme.test", subject="invoice wrong",
+                    message_id="<two-roles@example.org>")
+    for i, rcpt in enumerate(order):
+        await asyncio.to_thread(send_smtp, r.port, raw, [rcpt])
+        if drain_between and i == 0:
+            await r.drain()
+    await r.drain()
+    [row] = await asyncio.to_thread(inbound_rows, r.url)
+    assert row.deliveries == 2 and row.status == InboundStatus.DONE
+    store_like = await asyncio.to_thread(_tickets_and_decisions, r.url)
+    tickets, decisions = store_like
+    assert [(t.team, t.address) for t in tickets] == [("billing", "billing@acme.test")]
+    [d] = decisions
+    assert "first address wins" in d.reason and "support" in d.reason
+
+
+def _tickets_and_decisions(url: str) -> tuple[list[Ticket], list[Decision]]:
+    from router import db
+    from router.db import session_scope
+
+    engine = db.make_engine(url)
+    try:
+        with session_scope(engine) as s:
+            return (list(s.exec(select(Ticket)).all()), list(s.exec(select(Decision)).all()))
+    finally:
+        engine.dispose()
+
+
+async def test_same_mail_by_pipe_and_smtp_is_one_ticket(inproc: MakeRouter) -> None:
+    r = await inproc()
+    raw = make_mail(to="support@acme.test", subject="twice by two ways")
+    await asyncio.to_thread(send_smtp, r.port, raw, ["support@acme.test"])
+    # The MTA's pipe hands over LF line ends and its own trace header.
+    piped = b"Received: from mx by pipe; Mon, 1 Jan 2024 00:00:00 +0000\n" + raw.replace(
+        b"\r\n", b"\n")
+    res = await asyncio.to_thread(run_cli, "ingest", "-c", str(r.config_path),
+                                  "--recipient", "support@acme.test", stdin=piped)
+    assert res.returncode == 0, res.stderr.decode()
+    [row] = await asyncio.to_thread(inbound_rows, r.url)
+    assert row.deliveries == 2
+    await r.drain()
+    tickets, _ = await asyncio.to_thread(_tickets_and_decisions, r.url)
+    assert len(tickets) == 1
+
+
+# ---------------------------------------------------------------------------- parking
+
+
+def explode_on_boom(conn: Any, handled: Handled) -> None:
+    if "BOOM" in handled.parsed.subject:
+        raise RuntimeError("hook exploded on purpose")
+
+
+def test_failing_handler_is_parked_and_retried(store: Store) -> None:
+    for subject in ("first fine", "BOOM here", "last fine"):
+        store.accept(make_mail(subject=subject, frm=f"{subject.split()[0]}@example.org"))
+    failing = store.new_pipeline(hooks=[explode_on_boom])
+    try:
+        assert failing.drain() == 3  # one batch; the failure did not block the others
+    finally:
+        failing.close()
+    assert sorted(t.subject for t in all_of(store, Ticket)) == ["first fine", "last fine"]
+    boom = next(x for x in all_of(store, Inbound) if b"BOOM" in x.raw)
+    assert boom.status == InboundStatus.PARKED and boom.attempts == 1 and boom.ticket_id is None
+    assert boom.error is not None
+    assert "Traceback" in boom.error and "RuntimeError: hook exploded on purpose" in boom.error
+    # Its savepoint rolled back: no customer, article or decision of the failed message.
+    assert "BOOM@example.org" not in [c.email for c in all_of(store, Customer)]
+    assert len(all_of(store, Article)) == 2
+
+    parked = cli_json(store, "tickets", "parked")["parked"]
+    assert [p["inbound_id"] for p in parked] == [boom.id]
+    assert parked[0]["attempts"] == 1 and "hook exploded on purpose" in parked[0]["error"]
+    assert parked[0]["rcpt_to"] == ["support@acme.test"]
+
+    res = run_cli("tickets", "retry", "-c", str(store.config_path))
+    assert res.returncode == 0 and b"1 message(s) back in line" in res.stdout
+    assert next(x for x in all_of(store, Inbound) if x.id == boom.id).status == "new"
+
+    assert store.drain() == 1  # the default pipeline has no failing hook
+    assert sorted(t.subject for t in all_of(store, Ticket)) == ["BOOM here", "first fine",
+                                                                 "last fine"]
+    assert cli_json(store, "tickets", "parked") == {"parked": []}
+    assert {x.status for x in all_of(store, Inbound)} == {InboundStatus.DONE}
+
+
+def test_recipient_no_longer_owned_is_parked_with_clear_error(store: Store) -> None:
+    store.accept(make_mail(to="sales@acme.test", subject="quote please"), ["sales@acme.test"])
+    text = store.config_path.read_text().replace(
+        '["support@acme.test", "sales@acme.test"]', '["support@acme.test"]')
+    changed = store.config_path.with_name("changed.toml")
+    changed.write_text(text)
+    store.settings = config.load(changed)
+    assert store.drain() == 1
+    [row] = all_of(store, Inbound)
+    assert row.status == InboundStatus.PARKED and all_of(store, Ticket) == []
+    last = (row.error or "").strip().splitlines()[-1]
+    assert "Unroutable" in last and "no recipient is a role address of any team" in last
+    assert "sales@acme.test" in last
+
+
+# ---------------------------------------------------------------------------- corpora
+
+
+def corpus_files() -> list[Path]:
+    files = sorted(CORPUS.glob("msg_*.txt"))
+    if not files:
+        pytest.fail(f"the CPython email test corpus is missing: nothing at {CORPUS}/msg_*.txt")
+    cases = sorted(CASES.glob("*.eml"))
+    assert cases, f"no .eml files in {CASES}"
+    return files + cases
+
+
+def test_every_message_of_the_corpora_becomes_a_ticket(store: Store) -> None:
+    files = corpus_files()
+    keys = set()
+    for f in files:
+        raw = f.read_bytes()
+        keys.add(dedupe_key(raw))
+        store.accept(raw, ["support@acme.test"], mail_from="mta@example.org")
+    store.drain()
+    rows = all_of(store, Inbound)
+    assert len(rows) == len(keys)
+    stuck = [(r.id, r.status, (r.error or "").strip().splitlines()[-1:]) for r in rows
+             if r.status != InboundStatus.DONE or r.ticket_id is None]
+    assert stuck == []
+    articles = {a.inbound_id: a for a in all_of(store, Article)}
+    assert set(articles) == {r.id for r in rows}
+    malformed = 0
+    for r in rows:
+        parsed = parse(r.raw)
+        assert articles[r.id].malformed == parsed.malformed, r.id
+        malformed += parsed.malformed
+    assert malformed >= 3  # truncated, bad base64, no headers at least
+    by_name = {f.name: dedupe_key(f.read_bytes()) for f in files}
+    flagged = {r.dedupe_key for r in rows if articles[r.id].malformed}
+    assert {by_name["truncated.eml"], by_name["no_headers.eml"]} <= flagged
+
+
+def test_attachments_are_stored_with_hash_and_size(store: Store) -> None:
+    raw = (CASES / "attachments.eml").read_bytes()
+    store.accept(raw, ["billing@acme.test"])
+    store.drain()
+    expected = parse(raw).attachments
+    stored = all_of(store, Attachment)
+    assert len(stored) == len(expected) >= 1
+    for att, exp in zip(stored, expected, strict=True):
+        assert att.sha256 == hashlib.sha256(att.data).hexdigest() == exp.sha256
+        assert att.size == len(att.data) == exp.size
+        assert (att.filename, att.content_type) == (exp.filename, exp.content_type)
+    [t] = cli_json(store, "tickets", "list")["tickets"]
+    shown = cli_json(store, "tickets", "show", str(t["id"]))
+    assert [(a["sha256"], a["size"]) for a in shown["messages"][0]["attachments"]] == [
+        (e.sha256, e.size) for e in expected]
+
+
+# ---------------------------------------------------------------------------- customers
+
+
+def test_one_customer_across_role_addresses(store: Store) -> None:
+    store.accept(make_mail(frm="Alice <Alice@Example.org>", to="oops@acme.test",
+                           subject="checkout broken"), ["oops@acme.test"])
+    store.accept(make_mail(frm="alice@example.org", to="billing@acme.test",
+                           subject="charged twice"), ["billing@acme.test"])
+    store.accept(make_mail(frm="bob@example.org", to="billing@acme.test",
+                           subject="bob's invoice"), ["billing@acme.test"])
+    store.drain()
+    tickets = all_of(store, Ticket)
+    assert len(tickets) == 3
+    customers = all_of(store, Customer)
+    assert sorted(c.email for c in customers) == ["alice@example.org", "bob@example.org"]
+    alice = next(c for c in customers if c.email == "alice@example.org")
+    assert alice.name == "Alice"
+    listed = cli_json(store, "tickets", "list", "--customer", "ALICE@example.org")
+    assert listed["count"] == 2
+    assert sorted((t["team"], t["subject"]) for t in listed["tickets"]) == [
+        ("billing", "charged twice"), ("ops", "checkout broken")]
+    assert {t["customer"]["id"] for t in listed["tickets"]} == {alice.id}
+
+
+# ---------------------------------------------------------------------------- crashes
+
+
+class Crash(BaseException):
+    """Not an Exception: nothing in the pipeline catches it, like a process dying."""
+
+
+def test_crash_mid_batch_rolls_back_and_resumes_exactly_once(store: Store) -> None:
+    for i in range(5):
+        store.accept(make_mail(subject=f"crash {i}", frm=f"u{i}@example.org"))
+    seen: list[str] = []
+
+    def crash_on_third(conn: Any, handled: Handled) -> None:
+        seen.append(handled.parsed.subject)
+        if handled.parsed.subject == "crash 2":
+            raise Crash
+
+    crashing = store.new_pipeline(hooks=[crash_on_third])
+    try:
+        with pytest.raises(Crash):
+            crashing.process_batch()
+    finally:
+        crashing.close()
+    assert seen == ["crash 0", "crash 1", "crash 2"]
+    assert {x.status for x in all_of(store, Inbound)} == {InboundStatus.NEW}
+    assert all_of(store, Ticket) == [] and all_of(store, Customer) == []
+
+    assert store.drain() == 5
+    assert store.drain() == 0
+    tickets = all_of(store, Ticket)
+    assert sorted(t.subject for t in tickets) == [f"crash {i}" for i in range(5)]
+    rows = all_of(store, Inbound)
+    assert {x.status for x in rows} == {InboundStatus.DONE}
+    assert sorted(x.ticket_id for x in rows) == sorted(t.id for t in tickets)
+    assert len(all_of(store, Article)) == 5 and len(all_of(store, Decision)) == 5
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.mark.postgres
+def test_pipeline_on_postgres(tmp_path: Path, pg_url: str) -> None:
+    """Savepoints, FOR UPDATE SKIP LOCKED and the rollback on a crash, on PostgreSQL."""
+    with open_store(tmp_path / "etc", db_url=pg_url) as store:
+        store.accept(make_mail(subject="pg first", message_id="<pg1@example.org>"))
+        store.accept(make_mail(subject="BOOM on pg", frm="boom@example.org"))
+        store.accept(make_mail(subject="Re: pg first", in_reply_to="<pg1@example.org>",
+                               frm="Alice@Example.org"))
+        failing = store.new_pipeline(hooks=[explode_on_boom])
+        try:
+            assert failing.drain() == 3
+        finally:
+            failing.close()
+        [t] = all_of(store, Ticket)
+        assert t.subject == "pg first" and len(all_of(store, Article)) == 2
+        assert [c.email for c in all_of(store, Customer)] == ["alice@example.org"]
+        assert [x.status for x in all_of(store, Inbound)] == ["done", "parked", "done"]
+
+        store.accept(make_mail(subject="crash on pg"))
+        crashing = store.new_pipeline(hooks=[_crash_always])
+        try:
+            with pytest.raises(Crash):
+                crashing.process_batch()
+        finally:
+            crashing.close()
+        assert [x.status for x in all_of(store, Inbound)][-1] == "new"
+        assert store.drain() == 1
+        assert len(all_of(store, Ticket)) == 2
+
+
+def _crash_always(conn: Any, handled: Handled) -> None:
+    raise Crash
