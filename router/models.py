@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, Text, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 
@@ -227,3 +227,18 @@ class ConfigVersion(SQLModel, table=True):
     digest: str = Field(max_length=64, unique=True)
     source: str = Field(default="", sa_column=Column(Text, nullable=False))
     applied_at: datetime = _utc(nullable=False)
+
+
+class ImapCursor(SQLModel, table=True):
+    """Where IMAP intake stopped in a folder: UIDs are only meaningful within a UIDVALIDITY."""
+
+    __tablename__ = "imap_cursor"
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(max_length=255)
+    folder: str = Field(max_length=255)
+    uidvalidity: int = Field(sa_column=Column(BigInteger, nullable=False))  # 32-bit unsigned
+    last_uid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    updated_at: datetime = _utc(nullable=False)
+
+    __table_args__ = (Index("ux_imap_cursor_account_folder", "account", "folder",
+                            unique=True),)
