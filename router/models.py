@@ -36,7 +36,9 @@ def _utc(**kw: Any) -> Any:
 
 
 def _json(default: Any) -> Any:
-    return Field(default_factory=default, sa_column=Column(JSON, nullable=False))
+    # The column default serves Core inserts (the pipeline's), which bypass the model.
+    return Field(default_factory=default,
+                 sa_column=Column(JSON, nullable=False, default=lambda: default()))
 
 
 class InboundStatus:
@@ -113,6 +115,8 @@ class Ticket(SQLModel, table=True):
     promise_kept: bool | None = None
     next_due_at: datetime | None = _utc(index=True)   # the escalation scheduler's next wake-up
     config_version: str | None = Field(default=None, max_length=64)
+    tags: list[str] = _json(list)
+    campaign: str | None = Field(default=None, max_length=128)
 
     __table_args__ = (Index("ix_ticket_team_status", "team", "status"),)
 
@@ -242,3 +246,14 @@ class ImapCursor(SQLModel, table=True):
 
     __table_args__ = (Index("ux_imap_cursor_account_folder", "account", "folder",
                             unique=True),)
+
+
+class ClassifierModel(SQLModel, table=True):
+    """A trained team classifier (learned from routed and agent-corrected tickets)."""
+
+    __tablename__ = "classifier_model"
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = _utc(nullable=False)
+    examples: int = 0
+    metrics: dict[str, Any] = _json(dict)
+    blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
