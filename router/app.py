@@ -11,8 +11,10 @@ from sqlalchemy.engine import make_url
 
 from router import db, log
 from router import settings as config
+from router.clock import system_clock
 from router.intake.accept import Acceptor, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
+from router.outbox import OutboxWorker
 from router.rules.address import resolve_address
 from router.worker import PipelineProcess
 
@@ -70,6 +72,9 @@ class Daemon:
         engine = intake_engine(url)
         acceptor = Acceptor(engine, on_commit=committed)
         await acceptor.start()
+        outbox_engine = db.make_engine(url)
+        outbox = OutboxWorker(outbox_engine, self.current_settings, system_clock)
+        outbox_task = asyncio.create_task(outbox.run(self.stop), name="outbox")
         server = None
         if s.smtp.enabled:
             handler = IntakeHandler(acceptor, self.owns_address, channel=s.smtp.protocol)
@@ -88,6 +93,8 @@ class Daemon:
             await server.wait_closed()
         await acceptor.stop()
         exits = [await asyncio.to_thread(w.stop) for w in workers]
+        await outbox_task
+        outbox_engine.dispose()
         engine.dispose()
         self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits)
 

@@ -97,6 +97,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "simulate.py"
+    if not script.is_file():
+        raise UsageError("simulate runs bench/simulate.py from a source checkout; "
+                         f"{script} is not there")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -108,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=None,
                         help="router.toml to use (default: $ROUTER_CONFIG or ./router.toml)")
+    # For sub-subcommands: `-c` may come before or after them, and a default at the inner
+    # level would overwrite the value given at the outer one.
+    inner = argparse.ArgumentParser(add_help=False)
+    inner.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                       help="router.toml to use (default: $ROUTER_CONFIG or ./router.toml)")
     p = argparse.ArgumentParser(prog="router", description="Digital response management daemon.")
     p.add_argument("--version", action="version", version=f"router {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("db", parents=[common], help="database schema")
     dsub = s.add_subparsers(dest="db_command", required=True)
-    dsub.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
-    cur = dsub.add_parser("current", parents=[common], help="show the schema revision")
+    dsub.add_parser("upgrade", parents=[inner], help="migrate to the newest schema")
+    cur = dsub.add_parser("current", parents=[inner], help="show the schema revision")
     cur.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_db)
 

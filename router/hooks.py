@@ -6,4 +6,6 @@ from router.pipeline import Hook
 
 
 def default_hooks() -> list[Hook]:
-    return []
+    from router.ack import ack_hook
+
+    return [ack_hook]

@@ -21,8 +21,10 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, select, update
+from sqlmodel import Session
 
 from router import log
+from router.bounce import handle_dsn, is_dsn
 from router.classify import classify
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
@@ -126,8 +128,19 @@ class Pipeline:
     # ------------------------------------------------------------------ one message
 
     def handle(self, conn: Connection, inbound: Any, parsed: ParsedMail,
-               settings: Settings) -> Handled:
+               settings: Settings) -> Handled | None:
         at = inbound.received_at  # SLA clocks start when the mail arrived, not when we got to it
+        if is_dsn(parsed):
+            # A delivery report about our own mail: recorded on the ticket it concerns, never
+            # a ticket of its own, never acknowledged.
+            with Session(bind=conn, join_transaction_mode="create_savepoint",
+                         expire_on_commit=False) as session:
+                event = handle_dsn(session, parsed, at)
+                session.commit()
+            conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+                status=InboundStatus.DONE, processed_at=self.clock(),
+                ticket_id=event.ticket_id if event is not None else None))
+            return None
         # One customer per address: Alice@Example.org and alice@example.org are one person.
         sender = normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
         customer = customer_for(conn, sender, parsed.sender_name, at)

@@ -68,11 +68,11 @@ def test_oversize_is_65(cfg: tuple[Path, str]) -> None:
     assert code == 65 and "max_message_size" in err
 
 
-def test_broken_config_is_78(tmp_path: Path) -> None:
+def test_broken_config_is_a_tempfail(tmp_path: Path) -> None:
     bad = tmp_path / "router.toml"
     bad.write_text("[smtp\nlisten = 1\n")
     code, err = ingest(bad, make_mail(), "--recipient", "support@acme.test")
-    assert code == 78 and "router.toml" in err
+    assert code == 75 and "router.toml" in err
 
 
 def test_database_down_is_75(cfg: tuple[Path, str]) -> None:

@@ -2,7 +2,8 @@
 
 Exit codes follow sysexits(3), which MTAs understand: 0 stored; 75 (EX_TEMPFAIL) the database
 could not commit, so the MTA keeps the mail and retries; 67 (EX_NOUSER) no role address; 65
-(EX_DATAERR) empty or oversize message; 78 (EX_CONFIG) broken config.
+(EX_DATAERR) empty or oversize message. A broken router.toml is our fault, not the sender's:
+it gives 75 too (with the problems on stderr), so the MTA keeps the mail until it is fixed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from router.intake.accept import Envelope, StorageUnavailable, accept_sync
 from router.mail import parse
 from router.rules.address import resolve_address
 
-EX_OK, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, EX_CONFIG = 0, 65, 67, 75, 78
+EX_OK, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 65, 67, 75
 
 
 def ingest(settings: config.Settings, raw: bytes, recipients: list[str], sender: str) -> int:
@@ -67,6 +68,6 @@ def ingest_main(config_file: str | None, recipients: list[str], sender: str,
     except config.ConfigError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
-        return EX_CONFIG
+        return EX_TEMPFAIL
     raw = (stdin or sys.stdin.buffer).read()
     return ingest(settings, raw, recipients, sender)
