@@ -597,6 +597,13 @@ def semantic_problems(s: Settings, lines: dict[tuple[str | int, ...], int]) -> l
                                               subdiv=team.holidays.subdivision)
             except NotImplementedError as exc:
                 add(("team", ti, "holidays"), f"unknown holiday calendar: {exc}")
+        if team.timezone in zones or not isinstance(team.business_hours, str):
+            from router.calendar import BusinessCalendar
+
+            try:
+                BusinessCalendar.for_team(team)
+            except (ValueError, ZoneInfoNotFoundError) as exc:
+                add(("team", ti, "business_hours"), str(exc))
         if team.ack_template is not None and not (s.templates_dir / team.ack_template).is_file():
             add(("team", ti, "ack_template"), f"template \"{team.ack_template}\" not found in "
                 f"{s.templates_dir}")
