@@ -322,7 +322,7 @@ def _suppress(session: Session, ticket: Ticket, article: Article | None, parsed:
 def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
              article: Article | None, customer: Customer, parsed: ParsedMail,
              envelope_sender: str | None, now: datetime, clock: Clock | None = None,
-             language: str | None = None) -> AckOutcome:
+             language: str | None = None, suppress: str | None = None) -> AckOutcome:
     """Decide about the ack for `parsed` (already threaded onto or opening `ticket`) and, if
     it goes out, write it to the outbox. Runs in the caller's transaction; the caller commits
     and then wakes the outbox worker when `outcome.outbox_id` is set.
@@ -356,6 +356,8 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
 
     if not settings.ack.enabled:
         return no("disabled", "ack disabled")
+    if suppress:  # a router.toml rule said so (the routing Decision's suppress_ack)
+        return no("rule", suppress)
     robot = automatic_reason(parsed, our_addresses=our_addresses(settings),
                              envelope_sender=envelope_sender)
     if robot is not None:
@@ -472,5 +474,6 @@ def ack_hook(conn: Connection, handled: Handled) -> None:
             sender = None
         plan_ack(session, settings=settings, team=team, ticket=ticket, article=article,
                  customer=customer, parsed=handled.parsed, envelope_sender=sender,
-                 now=handled.now, language=ticket.language or customer.language)
+                 now=handled.now, language=ticket.language or customer.language,
+                 suppress=handled.decision.suppress_ack if handled.decision else None)
         session.commit()

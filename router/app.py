@@ -12,9 +12,12 @@ from sqlalchemy.engine import make_url
 from router import db, log
 from router import settings as config
 from router.clock import system_clock
+from router.escalate import EscalationScheduler
 from router.intake.accept import Acceptor, intake_engine
+from router.intake.imap import ImapManager
 from router.intake.smtp import IntakeHandler, start_server
 from router.outbox import OutboxWorker
+from router.reload import Applied, Recorder, Reloader
 from router.rules.address import resolve_address
 from router.worker import PipelineProcess
 
@@ -58,12 +61,26 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        # Live config (router.reload): the reloader validates and records each edit of
+        # router.toml or templates/ and swaps it into self.settings and every worker.
+        reloader = Reloader(self.path, s, recorder=Recorder(url))
+        self.settings = reloader.live.current()
 
         workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
                                    log_json=self.log_json)
                    for _ in range(s.pipeline.workers)]
         for w in workers:
             w.start()
+            w.update(self.settings)
+
+        def config_applied(applied: Applied) -> None:
+            self.settings = applied.settings
+            for w in workers:
+                w.update(applied.settings)
+
+        reloader.live.subscribe(config_applied)
+        await asyncio.to_thread(reloader.start)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP", 0.0)
 
         def committed(_n: int) -> None:
             for w in workers:
@@ -72,9 +89,19 @@ class Daemon:
         engine = intake_engine(url)
         acceptor = Acceptor(engine, on_commit=committed)
         await acceptor.start()
+        # IMAP mailboxes go through the same acceptor: same durability, same dedupe, and
+        # their commits wake the pipeline too. Accounts follow config reloads by themselves.
+        imap = ImapManager(self.current_settings, acceptor.accept, engine)
+        imap_task = asyncio.create_task(imap.run(self.stop), name="imap-intake")
         outbox_engine = db.make_engine(url)
         outbox = OutboxWorker(outbox_engine, self.current_settings, system_clock)
         outbox_task = asyncio.create_task(outbox.run(self.stop), name="outbox")
+        esc_engine = db.make_engine(url)
+        scheduler = EscalationScheduler(esc_engine, self.current_settings, system_clock,
+                                        on_fired=outbox.wake)
+        esc_task = asyncio.create_task(scheduler.run(self.stop), name="escalation")
+        # A new ladder or calendar changes due times: let the scheduler recompute now.
+        reloader.live.subscribe(lambda _applied: scheduler.wake())
         server = None
         if s.smtp.enabled:
             handler = IntakeHandler(acceptor, self.owns_address, channel=s.smtp.protocol)
@@ -86,14 +113,26 @@ class Daemon:
             smtp=f"{s.smtp.protocol}://{s.smtp.listen}" if server else "off",
             teams={t.name: t.addresses for t in s.team}, imap=[a.name for a in s.imap],
             relay=f"{s.relay.host}:{s.relay.port}")
+        web = None
+        if s.web.enabled:  # the agent console and REST API (router.web), on this loop
+            from router import web as web_console
+
+            web = await web_console.start(self.current_settings, url, wake_outbox=outbox.wake)
         await self.stop.wait()
         self._log.info("router_stopping")
+        if web is not None:
+            await web.stop()
         if server is not None:
             server.close()
             await server.wait_closed()
+        await imap_task
         await acceptor.stop()
         exits = [await asyncio.to_thread(w.stop) for w in workers]
+        await asyncio.to_thread(reloader.stop)  # after the workers: they use its snapshots
         await outbox_task
+        await esc_task
+        scheduler.close()
+        esc_engine.dispose()
         outbox_engine.dispose()
         engine.dispose()
         self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits)
@@ -101,6 +140,9 @@ class Daemon:
 
 def serve(path: Path, *, log_level: str = "info", log_json: bool | None = None) -> int:
     logger = log.get("router")
+    # A reload (SIGHUP) before Daemon.run installs its handler must not kill us, nor a pipeline
+    # worker we spawn (an ignored signal stays ignored across exec until it sets its own).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = config.load(path)
     except config.ConfigError as exc:

@@ -11,7 +11,8 @@ def full_check(path: str | os.PathLike[str] | None = None
                ) -> tuple[config.Settings | None, list[config.Problem]]:
     settings, problems = config.check(path)
     if settings is not None:
-        from router.ack import template_problems
+        from router import ack, escalate
 
-        problems.extend(template_problems(settings))
+        problems.extend(ack.template_problems(settings))
+        problems.extend(escalate.template_problems(settings))
     return settings, problems

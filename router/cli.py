@@ -85,6 +85,57 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return ingest_main(args.config, args.recipient, args.sender)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from router.status import run
+
+    return run(args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from datetime import datetime
+    from pathlib import Path
+
+    from router.clock import system_clock
+    from router.explain import explain, format_text
+
+    settings = _load(args)
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc}") from None
+    if args.at:
+        now = datetime.fromisoformat(args.at)
+        if now.tzinfo is None:
+            raise UsageError("--at needs a time zone, e.g. 2026-03-02T09:30:00+01:00")
+    else:
+        now = system_clock()
+    result = explain(settings, raw, recipients=args.recipient, sender=args.sender, now=now,
+                     file=args.file)
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(format_text(result))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from router import db, learn
+    from router.clock import system_clock
+
+    settings = _load(args)
+    engine = db.make_engine(settings.database_url)
+    try:
+        model_id, metrics = learn.train_and_store(
+            engine, system_clock(), min_examples=settings.learn.min_examples)
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json({"model_id": model_id, **metrics})
+    else:
+        print(learn.format_metrics(model_id, metrics))
+    return 0 if model_id is not None else 1
+
+
 def cmd_tickets(args: argparse.Namespace) -> int:
     from router import queues
 
@@ -143,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(s, common)
     s.set_defaults(func=cmd_tickets)
+
+    s = sub.add_parser("status", parents=[common],
+                       help="running config version, rejected edits, changes awaiting restart")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("explain", parents=[common],
+                       help="dry run: how the live config would route FILE.eml, and why")
+    s.add_argument("file", help="the message (.eml), - for stdin")
+    s.add_argument("--recipient", "-r", action="append", default=[],
+                   help="envelope recipient (repeatable); default: the addresses in To/Cc")
+    s.add_argument("--sender", "-f", default="", help="envelope sender (default: From)")
+    s.add_argument("--at", help="arrival time, ISO 8601 with offset (default: now)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("train", parents=[common],
+                       help="retrain the team classifier from routed and corrected tickets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("user", parents=[common], help="web console accounts and API tokens")
+    from router.accounts import add_arguments as add_user_arguments
+    from router.accounts import cli_main as cmd_user
+
+    add_user_arguments(s)
+    s.set_defaults(func=cmd_user)
 
     s = sub.add_parser("db", parents=[common], help="database schema")
     dsub = s.add_subparsers(dest="db_command", required=True)

@@ -257,3 +257,103 @@ class ClassifierModel(SQLModel, table=True):
     examples: int = 0
     metrics: dict[str, Any] = _json(dict)
     blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class SlaClock(SQLModel, table=True):
+    """One SLA clock of a ticket (router.sla): running, paused or stopped.
+
+    `elapsed` is the time counted before `running_since`, in the clock's own unit (business
+    seconds where the team counts business hours, else seconds), so a clock that paused and
+    resumed needs no history to know where it stands. `deadline_at` is set only while the
+    clock runs, which makes "overdue now" one indexed range query.
+    """
+
+    __tablename__ = "sla_clock"
+    ticket_id: int = Field(foreign_key="ticket.id", primary_key=True)
+    clock: str = Field(max_length=32, primary_key=True)  # first_response | next_response | ...
+    cycle: int = 0                                   # next_response: one cycle per reply
+    started_at: datetime = _utc(nullable=False)
+    running_since: datetime | None = _utc()
+    elapsed: float = 0.0
+    deadline_at: datetime | None = _utc(index=True)
+    stopped_at: datetime | None = _utc()
+    breached: bool = False
+
+
+class Escalation(SQLModel, table=True):
+    """A ladder step that fired (or was skipped) for one ticket: the proof it fired once."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id")
+    clock: str = Field(max_length=32)
+    cycle: int = 0
+    step: str = Field(max_length=128)                # "ops:after=15m", "breach" ...
+    team: str = Field(max_length=64)
+    status: str = Field(default="fired", max_length=16)   # fired | skipped
+    due_at: datetime = _utc(nullable=False)
+    fired_at: datetime = _utc(nullable=False)
+    actions: dict[str, Any] = _json(dict)
+    webhook_url: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    webhook_status: str | None = Field(default=None, max_length=16)  # pending | sent | failed
+    webhook_attempts: int = 0
+    webhook_next_at: datetime | None = _utc()
+    webhook_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+    __table_args__ = (
+        Index("ux_escalation_ticket_clock_cycle_step", "ticket_id", "clock", "cycle", "step",
+              unique=True),
+        Index("ix_escalation_webhook", "webhook_status", "webhook_next_at"),
+    )
+
+
+# ---------------------------------------------------------------------------- web console
+
+
+class Account(SQLModel, table=True):
+    """Who may log in to the web console and the API (router.accounts, router.web).
+
+    Agents and leads must also be members of a team in router.toml; the config decides which
+    queues they see, this table only proves who they are. `session_epoch` goes up on a
+    password change or a "log out everywhere", which invalidates every signed session cookie.
+    """
+
+    __tablename__ = "account"
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    role: str = Field(default="agent", max_length=16)      # agent | lead | admin
+    password_hash: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    session_epoch: int = 0
+    disabled: bool = False
+    created_at: datetime = _utc(nullable=False)
+    updated_at: datetime = _utc(nullable=False)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the REST API, stored as its SHA-256 (the token itself is 256 random
+    bits, shown once by `router user token`)."""
+
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    name: str = Field(default="", max_length=128)
+    created_at: datetime = _utc(nullable=False)
+    last_used_at: datetime | None = _utc()
+    revoked: bool = False
+
+
+class WebSecret(SQLModel, table=True):
+    """The key that signs session cookies, made on first start and shared by every instance
+    on the same database, so a login survives a restart and works behind a load balancer."""
+
+    __tablename__ = "web_secret"
+    id: int | None = Field(default=None, primary_key=True)
+    secret: str = Field(max_length=128)
+    created_at: datetime = _utc(nullable=False)
+
+
+# The web console's queue pages page by keyset (ORDER BY x, id ... WHERE (x, id) < cursor)
+# within one team's status; these keep a page an index range scan at any table size.
+Index("ix_ticket_team_status_id", Ticket.team, Ticket.status, Ticket.id)  # type: ignore[arg-type]
+Index("ix_ticket_team_status_updated", Ticket.team, Ticket.status,  # type: ignore[arg-type]
+      Ticket.updated_at, Ticket.id)

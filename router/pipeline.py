@@ -20,23 +20,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlmodel import Session
 
-from router import log
+from router import learn, log
 from router.bounce import handle_dsn, is_dsn
-from router.classify import classify
+from router.classify import Decision, classify
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
-from router.language import detect_language
 from router.mail import ParsedMail, normalize_address, parse
-from router.models import Customer, Inbound, InboundStatus
+from router.models import Customer, Event, Inbound, InboundStatus
 from router.route import CustomerRef, customer_for, find_thread, open_ticket, thread_onto
 from router.rules import Context
+from router.rules.alerts import send_alerts
 from router.settings import Settings
 
 INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
+EVENT = Event.__table__  # type: ignore[attr-defined]
 UNKNOWN_SENDER = "unknown-sender@invalid"
 
 
@@ -53,6 +54,7 @@ class Handled:
     new_ticket: bool
     settings: Settings
     now: datetime
+    decision: Decision | None = None   # the routing decision of a new ticket (classify)
 
 
 class Hook(Protocol):
@@ -74,6 +76,14 @@ class Pipeline:
         self._log = log.get("router.pipeline")
         self.processed = 0
         self.parked = 0
+
+    def warm_up(self) -> None:
+        """Load the language and tone models now: the first batch would otherwise load them
+        while holding the database's write lock, delaying intake commits by seconds."""
+        from router import language, tone
+
+        language.identify("warming up the language model")
+        tone.analyze("hello", "warming up the tone model", "en")
 
     def close(self) -> None:
         self.read_engine.dispose()
@@ -151,10 +161,25 @@ class Pipeline:
                                      config_version=version, now=at)
             ticket_id, new = match.ticket_id, False
         else:
+            vip = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes)
+                               .where(CUSTOMER.c.id == customer.id)).one()
             context = Context(settings=settings, envelope_rcpts=list(inbound.rcpt_to),
-                              envelope_sender=inbound.mail_from, now=at)
-            decision = classify(parsed, context)
-            language = detect_language(parsed) or customer.language
+                              envelope_sender=inbound.mail_from, now=at,
+                              customer_vip=bool(vip.vip),
+                              customer_attributes=dict(vip.attributes or {}),
+                              suggest=learn.suggester(conn))
+            decision = classify(parsed, context, language_hint=customer.language)
+            if decision.spam is not None:
+                # Stored, not routed, never acknowledged; the event keeps the decision.
+                conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+                    status=InboundStatus.SPAM, error=decision.spam[:2000],
+                    processed_at=self.clock()))
+                conn.execute(insert(EVENT).values(
+                    at=at, ticket_id=None, kind="spam",
+                    data={"inbound_id": inbound.id, "reason": decision.spam,
+                          "hits": decision.hits_json()}))
+                return None
+            language = decision.language or customer.language
             if language and not customer.language:
                 conn.execute(update(CUSTOMER).where(CUSTOMER.c.id == customer.id)
                              .values(language=language))
@@ -162,10 +187,12 @@ class Pipeline:
             ticket_id, article_id = open_ticket(
                 conn, decision=decision, customer=customer, parsed=parsed, inbound=inbound,
                 language=language, config_version=version, now=at)
+            send_alerts(conn, settings, decision, ticket_id, parsed, at)
             new = True
         conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
             status=InboundStatus.DONE, ticket_id=ticket_id, processed_at=self.clock()))
-        handled = Handled(inbound, parsed, ticket_id, article_id, customer, new, settings, at)
+        handled = Handled(inbound, parsed, ticket_id, article_id, customer, new, settings, at,
+                          decision if new else None)
         for hook in self.hooks:
             hook(conn, handled)
         return handled

@@ -4,9 +4,15 @@ JSON shapes (stable; fields are only ever added):
 - list: ``{"tickets": [TICKET, ...], "count": N}``
 - TICKET: ``{"id", "team", "status", "priority", "subject", "customer": {"id", "email",
   "name"}, "address", "tag", "language", "assignee", "created_at", "updated_at",
-  "first_response_at", "promised_at", "promise_basis", "promise_kept", "messages"}``
+  "first_response_at", "promised_at", "promise_basis", "promise_kept", "messages",
+  "next_due_at"}``; with ``--overdue`` also ``"overdue": [{"clock", "deadline_at",
+  "overdue_s"}]`` (running SLA clocks past their target)
 - show: TICKET plus ``"messages": [MESSAGE...]``, ``"decisions": [DECISION...]``,
-  ``"events": [...]``, ``"customer_tickets": [{"id", "team", "status", "subject", "address"}]``
+  ``"events": [...]``, ``"customer_tickets": [{"id", "team", "status", "subject", "address"}]``,
+  ``"sla": [{"clock", "cycle", "state", "started_at", "elapsed_s", "target_s", "deadline_at",
+  "stopped_at", "breached", "business_hours"}]``, ``"escalations": [{"clock", "cycle", "step",
+  "team", "status", "due_at", "fired_at", "late_s", "notified", "priority", "reassigned",
+  "webhook"}]``
 - parked: ``{"parked": [{"inbound_id", "received_at", "channel", "mail_from", "rcpt_to",
   "attempts", "error"}]}``
 Times are ISO 8601 in UTC.
@@ -17,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from router import db
+from router import db, escalate, sla
 from router.models import (
     Article,
     Attachment,
@@ -32,6 +38,7 @@ from router.models import (
     Event,
     Inbound,
     InboundStatus,
+    SlaClock,
     Ticket,
     TicketStatus,
 )
@@ -50,10 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     p.add_argument("--status", choices=[*TicketStatus.ALL, "active"],
                    help="active = new, open or pending")
     p.add_argument("--customer", help="all tickets of one customer (mail address)")
+    p.add_argument("--overdue", action="store_true",
+                   help="only tickets with an SLA clock running past its target")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("show", parents=[inner], help="one ticket with its thread")
     p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("move", parents=[inner],
+                       help="move a ticket to another team (a correction the classifier "
+                            "learns from)")
+    p.add_argument("id", type=int)
+    p.add_argument("team")
+    p.add_argument("--by", help="the agent making the correction (mail address)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("parked", parents=[inner],
                        help="messages the pipeline could not process")
@@ -75,12 +91,13 @@ def ticket_dict(t: Ticket, c: Customer, messages: int) -> dict[str, Any]:
         "created_at": _iso(t.created_at), "updated_at": _iso(t.updated_at),
         "first_response_at": _iso(t.first_response_at), "promised_at": _iso(t.promised_at),
         "promise_basis": t.promise_basis, "promise_kept": t.promise_kept,
-        "messages": messages,
+        "messages": messages, "next_due_at": _iso(t.next_due_at),
     }
 
 
 def list_tickets(session: Session, *, team: str | None = None, status: str | None = None,
-                 customer: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+                 customer: str | None = None, limit: int = 50, overdue: bool = False,
+                 now: datetime | None = None) -> list[dict[str, Any]]:
     counts = (select(Article.ticket_id, func.count().label("n"))
               .group_by(Article.ticket_id).subquery())
     q = (select(Ticket, Customer, counts.c.n)
@@ -95,11 +112,27 @@ def list_tickets(session: Session, *, team: str | None = None, status: str | Non
         q = q.where(Ticket.status == status)
     if customer:
         q = q.where(Customer.email == customer.strip().lower())
+    late: dict[int, list[SlaClock]] = {}
+    if overdue:
+        now = now or datetime.now(UTC)
+        late = sla.overdue_ticket_ids(session, now)
+        q = q.where(col(Ticket.id).in_(sorted(late)))
     q = q.order_by(col(Ticket.id).desc()).limit(limit)
-    return [ticket_dict(t, c, n or 0) for t, c, n in session.exec(q).all()]
+    rows = [ticket_dict(t, c, n or 0) for t, c, n in session.exec(q).all()]
+    if overdue:
+        assert now is not None
+        for r in rows:
+            r["overdue"] = [
+                {"clock": c.clock, "deadline_at": _iso(c.deadline_at),
+                 "overdue_s": round((now - c.deadline_at).total_seconds())}
+                for c in sorted(late[r["id"]], key=lambda c: c.clock) if c.deadline_at]
+        # The longest-waiting first: that is the order to work them in.
+        rows.sort(key=lambda r: -max(o["overdue_s"] for o in r["overdue"]))
+    return rows
 
 
-def show_ticket(session: Session, ticket_id: int) -> dict[str, Any] | None:
+def show_ticket(session: Session, ticket_id: int, settings: Settings | None = None,
+                now: datetime | None = None) -> dict[str, Any] | None:
     ticket = session.get(Ticket, ticket_id)
     if ticket is None:
         return None
@@ -134,6 +167,11 @@ def show_ticket(session: Session, ticket_id: int) -> dict[str, Any] | None:
          "address": t.address}
         for t in session.exec(select(Ticket).where(Ticket.customer_id == customer.id)
                               .order_by(col(Ticket.id))).all()]
+    team = settings.team_by_name(ticket.team) if settings is not None else None
+    out["sla"] = [sla.view(c, team, now or datetime.now(UTC)).as_dict()
+                  for c in sorted(sla.clocks(session, ticket_id).values(),
+                                  key=lambda c: sla.CLOCK_ORDER.get(c.clock, 9))]
+    out["escalations"] = escalate.history(session, ticket_id)
     return out
 
 
@@ -154,6 +192,9 @@ def _print_ticket_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['id']:>6}  {r['team']:<10} {r['status']:<8} {r['priority']:<7} "
               f"{r['messages']:>4}  {r['customer']['email'][:28]:<28} {r['subject'][:60]}")
+        for o in r.get("overdue", []):
+            print(f"{'':>8}overdue: {o['clock']} by {_duration(o['overdue_s'])} "
+                  f"(target {o['deadline_at']})")
 
 
 def _print_ticket(t: dict[str, Any]) -> None:
@@ -167,6 +208,31 @@ def _print_ticket(t: dict[str, Any]) -> None:
         print(f"  promised first answer by {t['promised_at']} ({t['promise_basis']}; {kept})")
     for d in t["decisions"]:
         print(f"  decision [{d['kind']}] {d['reason']}")
+    for c in t.get("sla", []):
+        hours = " business" if c["business_hours"] else ""
+        target = f" of {_duration(c['target_s'])}" if c["target_s"] is not None else ""
+        state = c["state"] + (f" since {c['stopped_at']}" if c["stopped_at"] else "")
+        due = f", target {c['deadline_at']}" if c["deadline_at"] else ""
+        print(f"  sla {c['clock']}" + (f" #{c['cycle']}" if c["cycle"] else "")
+              + f": {state}, {_duration(c['elapsed_s'])}{target}{hours}{due}"
+              + (" BREACHED" if c["breached"] else ""))
+    if t.get("escalations"):
+        print("\n  escalations:")
+        for e in t["escalations"]:
+            did = []
+            if e["notified"]:
+                did.append("notified " + ", ".join(e["notified"]))
+            if e["priority"]:
+                did.append(f"priority {e['priority']['from']} -> {e['priority']['to']}")
+            if e["reassigned"]:
+                did.append(f"reassigned {e['reassigned']['from']} -> {e['reassigned']['to']}")
+            if e["webhook"]:
+                did.append(f"webhook {e['webhook']['status']}")
+            late = f" ({_duration(e['late_s'])} late)" if e["late_s"] >= 60 else ""
+            print(f"    {e['fired_at']} {e['clock']}"
+                  + (f" #{e['cycle']}" if e["cycle"] else "")
+                  + f" {e['step']} {e['status']}{late}"
+                  + (": " + "; ".join(did) if did else ""))
     for m in t["messages"]:
         print(f"\n  --- {m['kind']} #{m['id']} {m['created_at']} from {m['from']}"
               + (" (malformed MIME)" if m["malformed"] else ""))
@@ -186,6 +252,15 @@ def _print_ticket(t: dict[str, Any]) -> None:
                   f"{x['address']})")
 
 
+def _duration(seconds: float) -> str:
+    secs = round(abs(seconds))
+    if secs < 60:
+        return f"{secs}s"
+    d, rest = divmod(secs, 86400)
+    h, m = rest // 3600, rest % 3600 // 60
+    return "".join(f"{n}{u}" for n, u in ((d, "d"), (h, "h"), (m, "m")) if n) or "0m"
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     engine = db.make_engine(settings.database_url)
     try:
@@ -193,7 +268,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             cmd = args.tickets_command
             if cmd == "list":
                 rows = list_tickets(session, team=args.team, status=args.status,
-                                    customer=args.customer, limit=args.limit)
+                                    customer=args.customer, limit=args.limit,
+                                    overdue=args.overdue)
                 if args.json:
                     json.dump({"tickets": rows, "count": len(rows)}, sys.stdout, indent=2,
                               ensure_ascii=False)
@@ -201,7 +277,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 else:
                     _print_ticket_table(rows)
             elif cmd == "show":
-                t = show_ticket(session, args.id)
+                t = show_ticket(session, args.id, settings)
                 if t is None:
                     print(f"router: no ticket {args.id}", file=sys.stderr)
                     return 1
@@ -223,6 +299,24 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                               f"{r['mail_from'] or '<>'} to {', '.join(r['rcpt_to'])}")
                         last = (r["error"] or "").strip().splitlines()[-1:] or [""]
                         print(f"  {last[0]}")
+            elif cmd == "move":
+                from router.learn import move_ticket
+
+                if settings.team_by_name(args.team) is None:
+                    print(f"router: no team {args.team!r} (teams: "
+                          f"{', '.join(t.name for t in settings.team)})", file=sys.stderr)
+                    return 1
+                try:
+                    moved = move_ticket(engine, args.id, args.team, datetime.now(UTC),
+                                        by=args.by)
+                except LookupError as exc:
+                    print(f"router: {exc}", file=sys.stderr)
+                    return 1
+                if args.json:
+                    json.dump(moved, sys.stdout, indent=2, ensure_ascii=False)
+                    print()
+                else:
+                    print(f"ticket {args.id}: {moved['reason']}")
             elif cmd == "retry":
                 from router.pipeline import retry_parked
 

@@ -160,7 +160,9 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
         "subject": parsed.subject or "(no subject)", "customer_id": customer.id,
         "address": decision.address, "tag": decision.tag, "language": language,
         "assignee": None, "created_at": now, "updated_at": now, "last_customer_at": now,
-        "reopened": 0, "config_version": config_version}).scalar_one()
+        "reopened": 0, "config_version": config_version, "tags": list(decision.tags),
+        "campaign": decision.campaign.campaign.name if decision.campaign else None}
+    ).scalar_one()
     article_id = add_article(conn, ticket_id, inbound, parsed, now)
     conn.execute(_INS_DECISION, {
         "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": "route",
@@ -170,7 +172,8 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
     conn.execute(_INS_EVENT, {
         "at": now, "ticket_id": ticket_id, "kind": "created",
         "data": {"team": decision.team, "address": decision.address, "tag": decision.tag,
-                 "inbound_id": inbound.id}})
+                 "inbound_id": inbound.id, "priority": decision.priority,
+                 "tags": list(decision.tags), "routed_by": decision.routed_by}})
     return ticket_id, article_id
 
 

@@ -21,6 +21,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from router.rules.config import (
+    Campaign,
+    LearnConfig,
+    RuleConfig,
+    VipConfig,
+    config_problems,
+)
 from router.tomllines import key_lines, line_of
 
 DEFAULT_CONFIG = "router.toml"
@@ -249,6 +256,56 @@ class SlaTargets(Strict):
         return parse_duration(v)
 
 
+SLA_CLOCKS = ("first_response", "next_response", "resolution")
+NOTIFY_ROLES = ("assignee", "lead", "manager", "team")
+PRIORITIES = ("low", "normal", "high", "urgent")
+
+
+class EscalationStep(Strict):
+    """One rung of a team's escalation ladder (router.escalate): when it fires, on which SLA
+    clock, and what it does. Checks that need the team or several fields live in
+    `_escalation_problems`, so they report a path and a line like the other semantic checks."""
+
+    after: timedelta | None = None
+    before_breach: timedelta | None = None
+    clock: Literal["first_response", "next_response", "resolution"] = "first_response"
+    notify: list[str] = []
+    set_priority: Literal["low", "normal", "high", "urgent"] | None = None
+    reassign: str | None = None
+    webhook: str | None = None
+
+    @field_validator("after", "before_breach", mode="before")
+    @classmethod
+    def _dur(cls, v: object) -> timedelta | None:
+        if v is None:
+            return None
+        td = parse_duration(v)
+        if td <= timedelta(0):
+            raise ValueError(f"\"{v}\" is zero; a step needs a positive duration such as 15m")
+        return td
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"webhook \"{v}\" must be an http:// or https:// URL")
+        return v
+
+    @property
+    def key(self) -> str:
+        """Names the step in the fired-steps table; stable while the step's timing is."""
+        if self.after is not None:
+            return f"after={format_duration(self.after)}"
+        return f"before_breach={format_duration(self.before_breach or timedelta(0))}"
+
+    def offset(self, sla: SlaTargets) -> timedelta:
+        """Clock time at which the step fires."""
+        if self.after is not None:
+            return self.after
+        target: timedelta = getattr(sla, self.clock)
+        return target - (self.before_breach or timedelta(0))
+
+
 class Holidays(Strict):
     country: str | None = None
     subdivision: str | None = None
@@ -267,6 +324,7 @@ class Team(Strict):
     holidays: Holidays = Holidays()
     sla: SlaTargets = SlaTargets()
     ack_template: str | None = None
+    escalation: list[EscalationStep] = []
 
     @field_validator("name")
     @classmethod
@@ -356,6 +414,10 @@ class Settings(Strict):
     templates: str = "templates"
     team: list[Team]
     imap: list[ImapAccount] = []
+    rule: list[RuleConfig] = []
+    campaign: list[Campaign] = []
+    vip: VipConfig = VipConfig()
+    learn: LearnConfig = LearnConfig()
 
     # Filled by `load`; not part of the TOML.
     source: str = ""
@@ -597,13 +659,15 @@ def semantic_problems(s: Settings, lines: dict[tuple[str | int, ...], int]) -> l
                                               subdiv=team.holidays.subdivision)
             except NotImplementedError as exc:
                 add(("team", ti, "holidays"), f"unknown holiday calendar: {exc}")
-        if team.timezone in zones or not isinstance(team.business_hours, str):
+        if team.timezone in zones:
             from router.calendar import BusinessCalendar
 
             try:
                 BusinessCalendar.for_team(team)
             except (ValueError, ZoneInfoNotFoundError) as exc:
                 add(("team", ti, "business_hours"), str(exc))
+        for loc, msg in _escalation_problems(s, ti, team):
+            add(loc, msg)
         if team.ack_template is not None and not (s.templates_dir / team.ack_template).is_file():
             add(("team", ti, "ack_template"), f"template \"{team.ack_template}\" not found in "
                 f"{s.templates_dir}")
@@ -616,4 +680,66 @@ def semantic_problems(s: Settings, lines: dict[tuple[str | int, ...], int]) -> l
             add(("imap", ii, "move_to"), "after = \"move\" needs move_to = \"FOLDER\"")
     if not s.templates_dir.is_dir():
         add(("templates",), f"templates directory {s.templates_dir} does not exist")
+    for loc, msg, severity in config_problems(s):  # rules, campaigns, learn (router.rules)
+        add(loc, msg, severity)
+    return out
+
+
+def _escalation_problems(s: Settings, ti: int, team: Team
+                         ) -> list[tuple[tuple[str | int, ...], str]]:
+    """Ladder checks: steps that can fire, targets and teams that exist, listed in order."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    names = [t.name for t in s.team]
+    last: dict[str, tuple[int, timedelta]] = {}
+    for si, step in enumerate(team.escalation):
+        loc: tuple[str | int, ...] = ("team", ti, "escalation", si)
+        if (step.after is None) == (step.before_breach is None):
+            out.append((loc, "a step needs exactly one of after = \"15m\" (counted from the "
+                        "clock's start) or before_breach = \"10m\" (counted back from the "
+                        "SLA target)"))
+            continue
+        if not (step.notify or step.set_priority or step.reassign or step.webhook):
+            out.append((loc, "a step must do something: notify = [...], set_priority = "
+                        "\"...\", reassign = \"TEAM\" or webhook = \"URL\""))
+        for ni, target in enumerate(step.notify):
+            if "@" in target:
+                try:
+                    check_address(target)
+                except ValueError as exc:
+                    out.append(((*loc, "notify", ni), str(exc)))
+            elif target not in NOTIFY_ROLES:
+                near = difflib.get_close_matches(target, NOTIFY_ROLES, n=1)
+                hint = f" (did you mean \"{near[0]}\"?)" if near else ""
+                out.append(((*loc, "notify", ni), f"unknown notify target \"{target}\"{hint}; "
+                            f"use {', '.join(NOTIFY_ROLES)} or a mail address"))
+            elif target == "manager" and not (
+                    team.manager or any(m.role == "manager" for m in team.members)):
+                out.append(((*loc, "notify", ni), f"notify \"manager\", but team "
+                            f"\"{team.name}\" has no manager; set manager = \"...\" or give a "
+                            "member role = \"manager\""))
+        if step.reassign is not None:
+            if step.reassign == team.name:
+                out.append(((*loc, "reassign"), f"reassign to \"{step.reassign}\", the team's "
+                            "own name; name another team"))
+            elif step.reassign not in names:
+                near = difflib.get_close_matches(step.reassign, names, n=1)
+                hint = f" (did you mean \"{near[0]}\"?)" if near else ""
+                out.append(((*loc, "reassign"), f"reassign to unknown team "
+                            f"\"{step.reassign}\"{hint}; teams: {', '.join(names)}"))
+        offset = step.offset(team.sla)
+        if step.before_breach is not None and offset <= timedelta(0):
+            target_td: timedelta = getattr(team.sla, step.clock)
+            out.append(((*loc, "before_breach"), f"before_breach = "
+                        f"\"{format_duration(step.before_breach)}\" is not shorter than the "
+                        f"{step.clock} target ({format_duration(target_td)}), so the step "
+                        "would fire the moment the clock starts"))
+            continue
+        prev = last.get(step.clock)
+        if prev is not None and offset <= prev[1]:
+            when = "at the same moment as" if offset == prev[1] else "before"
+            out.append((loc, f"steps out of order: this step fires {when} step {prev[0] + 1} "
+                        f"on the {step.clock} clock ({format_duration(offset)} vs "
+                        f"{format_duration(prev[1])}); list a clock's steps in the order "
+                        "they fire"))
+        last[step.clock] = (si, offset)
     return out

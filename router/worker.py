@@ -4,20 +4,28 @@
 250 comes first and routing catches up right behind (the stored message is safe either way).
 It dies with its parent (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing to
 the database while a restarted one starts its own.
+
+Config reloads come from the daemon (router.reload): it sends every config it applied through
+a queue, and the worker swaps it in between batches. A SIGHUP sent to the worker is passed on
+to the daemon, which validates and records the reload for everyone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
+from typing import Any, cast
 
 from router import log
 from router import settings as config
+from router.reload import LiveConfig
 
 PR_SET_PDEATHSIG = 1
 
@@ -30,19 +38,57 @@ def _die_with_parent() -> None:
         pass
 
 
+def _forward_hup(parent: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(parent, signal.SIGHUP)
+
+
+def _first_settings(config_path: str, updates: Any) -> config.Settings:
+    """The daemon sends the config it runs right after starting us; use that one (it is the
+    validated one, with its templates snapshot), else load the file ourselves."""
+    if updates is not None:
+        with contextlib.suppress(queue.Empty):
+            return cast(config.Settings, updates.get(timeout=10))
+    return config.load(config_path)
+
+
 def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
-                  log_level: str, log_json: bool | None) -> None:
+                  log_level: str, log_json: bool | None, updates: Any = None) -> None:
     _die_with_parent()
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # Reloading is the daemon's job (router.reload): it validates, records and then sends
+    # each applied config through `updates`. A SIGHUP sent to us goes to it.
+    signal.signal(signal.SIGHUP, lambda *_: _forward_hup(parent))
     if nice:
         os.nice(nice)
     log.setup(log_level, json=log_json)
     from router.hooks import default_hooks
     from router.pipeline import Pipeline
 
-    settings = config.load(config_path)
-    pipeline = Pipeline(settings.database_url, lambda: settings,
+    settings = _first_settings(config_path, updates)
+    live = LiveConfig(settings)
+    taking = threading.Lock()  # two threads take updates: keep them in the order sent
+    logger = log.get("router.worker")
+
+    def take_updates() -> None:
+        with taking:
+            while updates is not None:
+                try:
+                    new = updates.get_nowait()
+                except queue.Empty:
+                    return
+                live.swap(new, trigger="daemon")
+                pipeline.batch_size = new.pipeline.batch_size
+                logger.info("worker_config_applied", version=new.digest[:16], pid=os.getpid())
+
+    def current_settings() -> config.Settings:
+        # Asked once per batch: a batch finishes under the config it began with, and the
+        # next one starts with whatever the daemon has sent by then.
+        take_updates()
+        return live.current()
+
+    pipeline = Pipeline(settings.database_url, current_settings,
                         batch_size=settings.pipeline.batch_size, hooks=default_hooks())
     done = threading.Event()
 
@@ -51,13 +97,17 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
         while not done.is_set():
             if wake.wait(0.2):
                 wake.clear()
+                take_updates()
                 pipeline.wake.set()
+            else:
+                take_updates()
             if stop.is_set() or os.getppid() != parent:
                 done.set()
                 pipeline.wake.set()
 
     bridge = threading.Thread(target=relay_wake, daemon=True)
     bridge.start()
+    pipeline.warm_up()
     try:
         pipeline.run(done)
     finally:
@@ -70,14 +120,21 @@ class PipelineProcess:
         ctx = multiprocessing.get_context("spawn")
         self.wake = ctx.Event()
         self.stop_event = ctx.Event()
+        self.updates: Any = ctx.Queue()
         self.process = ctx.Process(
             target=pipeline_main, name="router-pipeline",
-            args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json))
+            args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json,
+                  self.updates))
 
     def start(self) -> None:
         self.process.start()
 
     def notify(self) -> None:
+        self.wake.set()
+
+    def update(self, settings: config.Settings) -> None:
+        """Hand the worker a validated config; it swaps it in before its next batch."""
+        self.updates.put(settings)
         self.wake.set()
 
     def stop(self, timeout: float = 30) -> int | None:
@@ -87,4 +144,6 @@ class PipelineProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        self.updates.cancel_join_thread()  # a dead reader must not hold up our exit
+        self.updates.close()
         return self.process.exitcode

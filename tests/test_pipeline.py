@@ -15,6 +15,7 @@ import pytest
 from sqlmodel import select
 
 from router import settings as config
+from router.bounce import is_dsn
 from router.mail import dedupe_key, parse
 from router.models import (
     Article,
@@ -78,7 +79,8 @@ def test_message_becomes_ticket_with_explaining_decision(store: Store) -> None:
     assert t.subject == "site is down"
     [d] = all_of(store, Decision)
     assert (d.ticket_id, d.kind, d.team, d.address) == (t.id, "route", "ops", "oops@acme.test")
-    [hit] = d.hits
+    [hit, summary] = d.hits  # every rule's hit or miss, then the decision's summary
+    assert summary["rule"] == "decision" and summary["team"] == "ops"
     assert hit["rule"] == "address" and hit["matched"] is True and hit["via"] == "To"
     assert "oops@acme.test" in hit["reason"] and "team ops" in hit["reason"]
     assert d.reason == hit["reason"]
@@ -221,6 +223,14 @@ def test_every_message_of_the_corpora_becomes_a_ticket(store: Store) -> None:
     store.drain()
     rows = all_of(store, Inbound)
     assert len(rows) == len(keys)
+    # Delivery reports (the corpus has some) are recorded as bounce events, never tickets
+    # (issue 4); everything else becomes a ticket.
+    dsn = {r.id for r in rows if is_dsn(parse(r.raw))}
+    assert dsn, "the corpus holds delivery reports; they must be recognised"
+    bounces = [e for e in all_of(store, Event) if e.kind == "bounce"]
+    assert len(bounces) == len(dsn)
+    assert all(r.status == InboundStatus.DONE for r in rows if r.id in dsn)
+    rows = [r for r in rows if r.id not in dsn]
     stuck = [(r.id, r.status, (r.error or "").strip().splitlines()[-1:]) for r in rows
              if r.status != InboundStatus.DONE or r.ticket_id is None]
     assert stuck == []

@@ -6,12 +6,24 @@ record, so `router explain` and the ticket page can show why mail went where it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from router.mail import ParsedMail
-from router.settings import Settings
+
+if TYPE_CHECKING:  # router.settings imports router.rules.config, which imports this package
+    from router.settings import Settings
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What the learned classifier thinks: a team and how sure it is (0..1)."""
+
+    team: str
+    confidence: float
+    model_id: int | None = None
 
 
 @dataclass
@@ -20,6 +32,13 @@ class Context:
     envelope_rcpts: list[str]
     envelope_sender: str
     now: datetime
+    # The customer record's VIP flag and attributes (the pipeline and explain look them up).
+    customer_vip: bool = False
+    customer_attributes: dict[str, Any] = field(default_factory=dict)
+    # The learned team classifier, when a model is trained (router.learn).
+    suggest: Callable[[str], Suggestion | None] | None = None
+    # Facts about the message computed once per classification (router.rules.features).
+    features: Any = None
 
 
 @dataclass
