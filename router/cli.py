@@ -143,6 +143,27 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     return queues.run(settings, args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from router import db
+    from router.clock import system_clock
+    from router.report import print_report, team_report
+
+    settings = _load(args)
+    engine = db.make_engine(settings.database_url)
+    try:
+        since = system_clock() - timedelta(days=args.days) if args.days else None
+        rows = team_report(engine, since=since)
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json({"teams": rows})
+    else:
+        print_report(rows)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -229,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_db)
 
+    s = sub.add_parser("report", parents=[common],
+                       help="promises kept and first-response times per team")
+    s.add_argument("--days", type=int, default=0, help="only tickets of the last N days")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_report)
+
     s = sub.add_parser("simulate", help="simulate a team to test the turnaround promises")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_simulate)
@@ -237,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # `router tickets list --json | head` should end quietly, like any Unix tool.
+        import signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

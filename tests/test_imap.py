@@ -536,3 +536,36 @@ def test_return_path() -> None:
     assert return_path(b"Return-Path: <first@x.org>\r\nReturn-Path: <second@x.org>\r\n\r\n"
                        ) == "first@x.org"
     assert return_path(b"\xff\xfe garbage") == ""
+
+
+def test_router_serve_takes_mail_from_imap(tmp_path: Path, dovecot: Dovecot) -> None:
+    """The real daemon: a mailbox configured in router.toml is read by `router serve`, its
+    mail becomes tickets of the team owning the account's address, and is then moved."""
+    from tests.daemon import start_router, wait_for_tickets
+
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    cfg = write_config(tmp_path / "etc", db_url=url,
+                       extra=account_toml("billing-box", dovecot.port, user="billing",
+                                          after="move", move_to="Done"))
+    dovecot.create_folder("billing", "Done")
+    dovecot.append("billing", mail("before the daemon started", to=LEGACY))
+    proc = start_router(cfg)
+    try:
+        dovecot.append("billing", mail("while it runs", to=LEGACY))
+        wait_for_tickets(url, 2, timeout=30)
+        deadline = time.monotonic() + 15
+        while dovecot.uids("billing") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dovecot.uids("billing") == []
+        assert len(dovecot.uids("billing", "Done")) == 2
+        proc.stop()
+    finally:
+        proc.kill()
+    engine = db.make_engine(url)
+    try:
+        with Session(engine) as s:
+            found = s.exec(select(Ticket)).all()
+        assert sorted(t.subject for t in found) == ["before the daemon started", "while it runs"]
+        assert {t.team for t in found} == {"billing"}
+    finally:
+        engine.dispose()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlmodel import Session
 
@@ -46,3 +48,17 @@ def test_kept_share_per_team(sqlite_url: str) -> None:
     assert b["from_history"] == 3 and b["open_promises"] == 1
     assert b["median_first_response_s"] == 45 * 60
     assert rows["ops"]["kept_share"] is None and rows["ops"]["promised"] == 0
+
+
+def test_report_cli_json(tmp_path: Path) -> None:
+    from tests.conftest import write_config
+    from tests.daemon import run_cli
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    cfg = write_config(tmp_path / "etc", db_url=url)
+    db.upgrade(url)
+    out = run_cli("report", "-c", str(cfg), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"teams": []}
+    text = run_cli("report", "-c", str(cfg))
+    assert b"no tickets yet" in text.stdout
