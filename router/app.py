@@ -117,7 +117,8 @@ class Daemon:
         if s.web.enabled:  # the agent console and REST API (router.web), on this loop
             from router import web as web_console
 
-            web = await web_console.start(self.current_settings, url, wake_outbox=outbox.wake)
+            web = await web_console.start(self.current_settings, url, wake_outbox=outbox.wake,
+                                          wake_scheduler=scheduler.wake)
         await self.stop.wait()
         self._log.info("router_stopping")
         if web is not None:
