@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +82,7 @@ from router.models import (
 )
 from router.outbox import enqueue
 from router.settings import PRIORITIES, EscalationStep, Problem, Settings, Team
+from router.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from router.pipeline import Handled
@@ -392,9 +392,7 @@ class EscalationScheduler:
         self._tick_engine = (engine if self.postgres else
                              make_engine(engine.url.render_as_string(hide_password=False),
                                          immediate=True, busy_ms=0))
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_lock = threading.Lock()
+        self._wake = Wakeup()
         self._ladders: str | None = None
         self._log = log.get("router.escalate")
         self.fired = 0
@@ -409,22 +407,12 @@ class EscalationScheduler:
 
     def wake(self) -> None:
         """A due time may have moved earlier: re-read it now. Callable from any thread."""
-        with self._wake_lock:
-            loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or running is loop:
-            self._wake.set()
-        else:
-            loop.call_soon_threadsafe(self._wake.set)
+        self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        with self._wake_lock:
-            self._loop = asyncio.get_running_loop()
+        self._wake.bind(asyncio.get_running_loop())
         self._log.info("escalation scheduler started")
         pause = 0.5
         try:
@@ -450,19 +438,11 @@ class EscalationScheduler:
                     delay = min(0.05, self.max_sleep)
                 await self._wait(stop, delay)
         finally:
-            with self._wake_lock:
-                self._loop = None
+            self._wake.bind(None)
             self._log.info("escalation scheduler stopped", fired=self.fired)
 
     async def _wait(self, stop: asyncio.Event, delay: float) -> None:
-        waiters = [asyncio.ensure_future(self.sleep(delay)),
-                   asyncio.ensure_future(self._wake.wait()),
-                   asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await self._wake.wait(stop, sleep=self.sleep(delay))
 
     def next_due(self) -> datetime | None:
         with self.engine.connect() as conn:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import random
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +31,7 @@ from router.clock import Clock
 from router.mail import msgid_normalize
 from router.models import Outbox, OutboxStatus, ThreadKey
 from router.settings import RelaySection, Settings
+from router.wakeup import Wakeup
 
 # Kinds of mail a person writes; every other kind addressed to a customer is automatic and
 # counts against the customer's daily cap (router.ack).
@@ -196,9 +196,7 @@ class OutboxWorker:
         self.backoff_cap = backoff_cap
         self._lease = lease
         self._rng = rng or random.Random()
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_lock = threading.Lock()
+        self._wake = Wakeup()
         self._postgres = engine.dialect.name == "postgresql"
 
     def lease_for(self, relay: RelaySection) -> timedelta:
@@ -213,22 +211,12 @@ class OutboxWorker:
     def wake(self) -> None:
         """Send now rather than after the poll interval. Callable from any thread (the
         pipeline commits in a worker thread)."""
-        with self._wake_lock:
-            loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or running is loop:
-            self._wake.set()
-        else:
-            loop.call_soon_threadsafe(self._wake.set)
+        self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        with self._wake_lock:
-            self._loop = asyncio.get_running_loop()
+        self._wake.bind(asyncio.get_running_loop())
         logger = log.get("router.outbox")
         logger.info("outbox worker started")
         pause = self.poll
@@ -243,15 +231,14 @@ class OutboxWorker:
                     # fill the log twice a second while it lasts.
                     logger.error("outbox pass failed", error=f"{type(exc).__name__}: {exc}",
                                  retry_in=pause)
-                    await _wait_any(stop, asyncio.Event(), pause)
+                    await Wakeup().wait(stop, pause)
                     pause = min(pause * 2, 30.0)
                     continue
                 if handled >= self.batch:
                     continue  # there may be more due right now
-                await _wait_any(stop, self._wake, self.poll)
+                await self._wake.wait(stop, self.poll)
         finally:
-            with self._wake_lock:
-                self._loop = None
+            self._wake.bind(None)
             logger.info("outbox worker stopped")
 
     async def send_due(self) -> int:
@@ -347,15 +334,6 @@ class OutboxWorker:
                 values["status"] = OutboxStatus.PARKED
         with self.engine.begin() as conn:
             return conn.execute(update(table).where(cond).values(**values)).rowcount == 1
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 def requeue(session: Session, outbox_id: int, now: datetime) -> bool:
