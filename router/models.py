@@ -46,6 +46,7 @@ class InboundStatus:
     DONE = "done"        # turned into (or threaded onto) a ticket
     PARKED = "parked"    # the pipeline raised; kept with its traceback for an admin
     SPAM = "spam"        # stored, not routed
+    REFUSED = "refused"  # sent to an agent reply address, failed its checks (agentmail)
 
 
 class Inbound(SQLModel, table=True):

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlmodel import Session
 
-from router import learn, log
+from router import agentmail, learn, log
 from router.bounce import handle_dsn, is_dsn
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
@@ -150,6 +150,10 @@ class Pipeline:
             conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.DONE, processed_at=self.clock(),
                 ticket_id=event.ticket_id if event is not None else None))
+            return None
+        # An agent answering by mail writes to a reply address, which is also a plus-address
+        # of the team: it must be judged here, before it could thread or open a ticket.
+        if agentmail.handle_reply(conn, inbound, parsed, settings, self.clock()):
             return None
         # One customer per address: Alice@Example.org and alice@example.org are one person.
         sender = normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER

@@ -325,6 +325,10 @@ class Team(Strict):
     sla: SlaTargets = SlaTargets()
     ack_template: str | None = None
     escalation: list[EscalationStep] = []
+    # Agent mail (router.agentmail) and assignment of new tickets (router.assign).
+    notify_agents: bool = False
+    assignment: Literal["manual", "round_robin", "least_loaded"] = "manual"
+    max_open_per_agent: int = Field(default=0, ge=0)   # 0: no cap
 
     @field_validator("name")
     @classmethod
