@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import structlog
 
 _configured = False
+
+
+class LineWriter:
+    """Writes each log line with one write(2) on stderr's descriptor.
+
+    The daemon, its pipeline process and their threads all log to the same descriptor; a
+    buffered stream may split a line across two writes, and a JSON line interleaved with
+    another process's is unreadable to whoever collects the logs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "backslashreplace")
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _line_writer(*_args: Any) -> Any:
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr
+        return structlog.PrintLogger(file=sys.stderr)
+    sys.stderr.flush()
+    return LineWriter(fd)
 
 
 def setup(level: str = "info", json: bool | None = None) -> None:
@@ -27,7 +56,7 @@ def setup(level: str = "info", json: bool | None = None) -> None:
         else [*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_line_writer,
         cache_logger_on_first_use=False,
     )
     _configured = True
