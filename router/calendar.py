@@ -89,6 +89,14 @@ class BusinessCalendar:
             days = frozenset(holidays)
             self._holiday = days.__contains__
         self._spans = lru_cache(maxsize=4096)(self._compute_spans)
+        # What makes two calendars count time alike; None when the holidays are an opaque
+        # predicate. `for_team` sets it from the config.
+        self._cache_key: str | None = (
+            None if callable(holidays)
+            else f"{tz}|{self.week}|{sorted(holidays or ())}")
+
+    def cache_key(self) -> str | None:
+        return self._cache_key
 
     @classmethod
     def for_team(cls, team: Team) -> BusinessCalendar:
@@ -106,11 +114,14 @@ class BusinessCalendar:
         else:
             test = extra.__contains__
         try:
-            return cls(team.timezone, team.weekly_hours(), test, name=team.name)
+            calendar = cls(team.timezone, team.weekly_hours(), test, name=team.name)
         except NeverOpenError as exc:
             raise NeverOpenError(f"team {team.name!r}: {exc}; set business_hours to open "
                                  "spans such as { mon-fri = \"09:00-17:00\" } or \"24/7\""
                                  ) from exc
+        calendar._cache_key = (f"{team.timezone}|{calendar.week}|{team.holidays.country}|"
+                               f"{team.holidays.subdivision}|{sorted(extra)}")
+        return calendar
 
     # ------------------------------------------------------------------ days
 

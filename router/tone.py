@@ -134,7 +134,7 @@ MAX_SENTENCES = 12        # the opening says how a mail feels; the cost stays bo
 MAX_WORDS = 25
 # VADER costs ~1 ms per 100 words even per sentence; the subject and the opening carry the
 # tone (urgency terms are still looked for in the first MAX_CHARS).
-VADER_CHARS = 1000
+VADER_CHARS = 600
 
 
 def _vader_score(text: str) -> float:

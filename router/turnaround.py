@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import func
 from sqlmodel import col, select
 
 from router.models import Ticket, TicketStatus
@@ -182,6 +183,9 @@ def promise_kept(promised_at: datetime, first_response_at: datetime) -> bool:
 
 # ---------------------------------------------------------------------------- history
 
+_HISTORY: dict[tuple[str, str], tuple[tuple[Any, ...], list[float], list[datetime]]] = {}
+
+
 def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
             window: timedelta = timedelta(days=28), *, exclude_id: int | None = None,
             rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], int, float | None]:
@@ -195,26 +199,39 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
     open time to measure over.
     """
     since = now - window
-    rows = session.exec(
-        select(Ticket.created_at, Ticket.first_response_at)
-        .where(Ticket.team == team, col(Ticket.created_at) >= since,
-               col(Ticket.created_at) <= now, col(Ticket.first_response_at).is_not(None),
-               col(Ticket.first_response_at) <= now)
-    ).all()
-    samples: list[float] = []
-    answered_at: list[datetime] = []
-    for created, first in rows:
-        if first is None:
-            continue
-        samples.append(calendar.business_seconds(created, first))
-        answered_at.append(first)
+    answered = (Ticket.team == team, col(Ticket.created_at) >= since,
+                col(Ticket.created_at) <= now, col(Ticket.first_response_at).is_not(None),
+                col(Ticket.first_response_at) <= now)
+    # Converting each answered ticket to business seconds is the costly part, and it is the
+    # same for every new ticket until an answer arrives or one leaves the window: keep it,
+    # keyed by what would change it.
+    signature = tuple(session.exec(
+        select(func.count(), func.max(Ticket.first_response_at), func.min(Ticket.created_at),
+               func.max(Ticket.id)).where(*answered)).one())
+    ckey = calendar.cache_key()
+    key = (team, ckey or "")
+    cached = _HISTORY.get(key) if ckey is not None else None
+    if cached is not None and cached[0] == signature:
+        samples, answered_at = cached[1], cached[2]
+    else:
+        samples, answered_at = [], []
+        for created, first in session.exec(
+                select(Ticket.created_at, Ticket.first_response_at).where(*answered)).all():
+            if first is None:
+                continue
+            samples.append(calendar.business_seconds(created, first))
+            answered_at.append(first)
+        if ckey is not None:
+            if len(_HISTORY) > 256:
+                _HISTORY.clear()
+            _HISTORY[key] = (signature, samples, answered_at)
 
-    stmt = select(Ticket.id).where(
+    stmt = select(func.count()).select_from(Ticket).where(
         Ticket.team == team, col(Ticket.status).in_((TicketStatus.NEW, TicketStatus.OPEN)),
         col(Ticket.first_response_at).is_(None))
     if exclude_id is not None:
         stmt = stmt.where(Ticket.id != exclude_id)
-    backlog = len(session.exec(stmt).all())
+    backlog = int(session.exec(stmt).one())
 
     rate_start = calendar.add_business(now, -rate_hours * 3600.0)
     hours = calendar.business_seconds(rate_start, now) / 3600.0
