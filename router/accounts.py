@@ -253,7 +253,7 @@ def run(settings: Settings, args: argparse.Namespace, clock: Clock = system_cloc
     from router.app import prepare_database
 
     prepare_database(settings)     # SQLite: migrate; PostgreSQL: refuse a stale schema
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, immediate=True)
     now = clock()
     try:
         with db.session_scope(engine) as session:

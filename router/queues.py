@@ -262,7 +262,7 @@ def _duration(seconds: float) -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, immediate=True)  # move/retry write
     try:
         with Session(engine) as session:
             cmd = args.tickets_command

@@ -146,7 +146,11 @@ async def start(settings_provider: Callable[[], Settings], url: str, *,
     from router.settings import parse_hostport
 
     settings = settings_provider()
-    engine = db.make_engine(url)
+    # The console's transactions read, then write (claim, reply, the session secret): on
+    # SQLite a deferred one fails with "database is locked" when the pipeline committed in
+    # between, and no busy timeout helps. Taking the write lock at BEGIN waits instead; the
+    # console's transactions are short and few.
+    engine = db.make_engine(url, immediate=True)
     app = await asyncio.to_thread(create_app, engine, settings_provider,
                                   wake_outbox=wake_outbox, wake_scheduler=wake_scheduler)
     host, port = parse_hostport(settings.web.listen, "listen")
