@@ -439,8 +439,15 @@ class Settings(Strict):
     def database_url(self) -> str:
         return resolve_database_url(self.database.url, Path(self.base_dir))
 
-    def address_map(self) -> dict[str, str]:
-        return {a: t.name for t in self.team for a in t.addresses}
+    def address_map(self) -> Mapping[str, str]:
+        """Role address → team. Built once per config: SMTP asks it on every RCPT.
+        Keyed by the team list itself, so a `model_copy(update={"team": ...})` never sees
+        the map of the config it was copied from. Shared: callers must not change it."""
+        cached = self.__dict__.get("_address_cache")
+        if cached is None or cached[0] is not self.team:
+            cached = (self.team, {a: t.name for t in self.team for a in t.addresses})
+            self.__dict__["_address_cache"] = cached
+        return cached[1]
 
 
 def resolve_database_url(url: str, base: Path) -> str:
