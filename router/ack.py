@@ -457,23 +457,19 @@ def ack_hook(conn: Connection, handled: Handled) -> None:
     ticket; call `plan_ack` directly where the `AckOutcome` itself is needed.
     """
     settings = handled.settings
-    # The ORM session joins the pipeline's transaction through a savepoint of its own:
-    # its commit releases the savepoint, the pipeline's commit makes it durable.
-    with Session(bind=conn, join_transaction_mode="create_savepoint",
-                 expire_on_commit=False) as session:
-        ticket = session.get(Ticket, handled.ticket_id)
-        customer = session.get(Customer, handled.customer.id)
-        article = session.get(Article, handled.article_id)
-        team = settings.team_by_name(ticket.team) if ticket is not None else None
-        if ticket is None or customer is None or team is None:
-            return  # e.g. the ticket's team left the config: nothing sensible to promise
-        sender: str | None = handled.inbound.mail_from
-        if handled.inbound.channel not in ("smtp", "lmtp") and not sender:
-            # IMAP has no envelope, and `router ingest` without -f cannot tell "null sender"
-            # from "not given": the Return-Path header decides then (see loopguard).
-            sender = None
-        plan_ack(session, settings=settings, team=team, ticket=ticket, article=article,
-                 customer=customer, parsed=handled.parsed, envelope_sender=sender,
-                 now=handled.now, language=ticket.language or customer.language,
-                 suppress=handled.decision.suppress_ack if handled.decision else None)
-        session.commit()
+    session = handled.session()
+    ticket = handled.get(Ticket, handled.ticket_id)
+    customer = handled.get(Customer, handled.customer.id)
+    article = handled.get(Article, handled.article_id)
+    team = settings.team_by_name(ticket.team) if ticket is not None else None
+    if ticket is None or customer is None or team is None:
+        return  # e.g. the ticket's team left the config: nothing sensible to promise
+    sender: str | None = handled.inbound.mail_from
+    if handled.inbound.channel not in ("smtp", "lmtp") and not sender:
+        # IMAP has no envelope, and `router ingest` without -f cannot tell "null sender"
+        # from "not given": the Return-Path header decides then (see loopguard).
+        sender = None
+    plan_ack(session, settings=settings, team=team, ticket=ticket, article=article,
+             customer=customer, parsed=handled.parsed, envelope_sender=sender,
+             now=handled.now, language=ticket.language or customer.language,
+             suppress=handled.decision.suppress_ack if handled.decision else None)

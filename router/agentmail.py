@@ -119,27 +119,25 @@ def notify_hook(conn: Connection, handled: Handled) -> None:
     if not handled.new_ticket:
         return
     settings = handled.settings
-    with Session(bind=conn, join_transaction_mode="create_savepoint",
-                 expire_on_commit=False) as session:
-        ticket = session.get(Ticket, handled.ticket_id)
-        team = settings.team_by_name(ticket.team) if ticket is not None else None
-        if ticket is None or team is None or not team.notify_agents:
-            return
-        customer = session.get(Customer, ticket.customer_id)
-        assert ticket.id is not None and customer is not None
-        if ticket.assignee:
-            targets = [ticket.assignee]
-        else:
-            targets = list(dict.fromkeys(m.email for m in team.members
-                                         if m.role in NOTIFY_ROLES))
-        key = reply_key(session, handled.now)
-        for agent in targets:
-            msg = _notification(settings, team, ticket, customer, handled.parsed, agent, key)
-            row = enqueue(session, kind=NOTIFY_KIND, msg=msg, ticket_id=ticket.id,
-                          customer_id=None, now=handled.now, hostname=settings.smtp.hostname)
-            _log.info("agent notified", ticket=ticket.id, team=team.name, agent=agent,
-                      outbox_id=row.id)
-        session.commit()
+    session = handled.session()
+    ticket = handled.get(Ticket, handled.ticket_id)
+    team = settings.team_by_name(ticket.team) if ticket is not None else None
+    if ticket is None or team is None or not team.notify_agents:
+        return
+    customer = handled.get(Customer, ticket.customer_id)
+    assert ticket.id is not None and customer is not None
+    if ticket.assignee:
+        targets = [ticket.assignee]
+    else:
+        targets = list(dict.fromkeys(m.email for m in team.members
+                                     if m.role in NOTIFY_ROLES))
+    key = reply_key(session, handled.now)
+    for agent in targets:
+        msg = _notification(settings, team, ticket, customer, handled.parsed, agent, key)
+        row = enqueue(session, kind=NOTIFY_KIND, msg=msg, ticket_id=ticket.id,
+                      customer_id=None, now=handled.now, hostname=settings.smtp.hostname)
+        _log.info("agent notified", ticket=ticket.id, team=team.name, agent=agent,
+                  outbox_id=row.id)
 
 
 def _notification(settings: Settings, team: Team, ticket: Ticket, customer: Customer,

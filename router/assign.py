@@ -123,11 +123,9 @@ def assignment_hook(conn: Connection, handled: Handled) -> None:
     """`router.pipeline.Hook`: assign the ticket the pipeline just opened."""
     if not handled.new_ticket:
         return
-    with Session(bind=conn, join_transaction_mode="create_savepoint",
-                 expire_on_commit=False) as session:
-        ticket = session.get(Ticket, handled.ticket_id)
-        team = handled.settings.team_by_name(ticket.team) if ticket is not None else None
-        if ticket is None or team is None:
-            return
-        assign_new(session, ticket, team, handled.now)
-        session.commit()
+    session = handled.session()
+    ticket = handled.get(Ticket, handled.ticket_id)
+    team = handled.settings.team_by_name(ticket.team) if ticket is not None else None
+    if ticket is None or team is None:
+        return
+    assign_new(session, ticket, team, handled.now)

@@ -100,8 +100,12 @@ def learn_text(message: ParsedMail) -> str:
     return f"{message.subject}\n{message.text[:LEARN_TEXT_CHARS]}"
 
 
-def classify(message: ParsedMail, context: Context, *, language_hint: str | None = None
-             ) -> Decision:
+def classify(message: ParsedMail, context: Context, *, language_hint: str | None = None,
+             with_tone: bool = False) -> Decision:
+    """Route `message` by address, campaigns, rules and the learned classifier.
+
+    The tone (VADER, the costliest feature) is computed only when a rule asks about it, or
+    with `with_tone` (``router explain``); otherwise the decision's tone is None."""
     settings = context.settings
     address_hit = AddressRule().check(message, context)
     hits: list[Hit] = [address_hit]
@@ -201,7 +205,8 @@ def classify(message: ParsedMail, context: Context, *, language_hint: str | None
     return Decision(
         team=team, address=address, tag=resolved.tag if resolved else None, priority=priority,
         hits=hits, tags=tags, alerts=alerts, suppress_ack=suppress, spam=spam,
-        campaign=campaign, tone=features.tone, language=features.language,
+        campaign=campaign, tone=features.tone if with_tone else features.computed_tone,
+        language=features.language,
         suggestion=suggestion, routed_by=routed_by)
 
 

@@ -209,20 +209,20 @@ def sla_hook(conn: Connection, handled: Handled) -> None:
     """`router.pipeline.Hook`: start or update the SLA clocks of the ticket just routed, and
     its next escalation due time, in the routing transaction."""
     settings = handled.settings
-    with Session(bind=conn, join_transaction_mode="create_savepoint",
-                 expire_on_commit=False) as session:
-        ticket = session.get(Ticket, handled.ticket_id)
-        team = settings.team_by_name(ticket.team) if ticket is not None else None
-        if ticket is None or team is None:
-            return
-        if handled.new_ticket:
-            sla.start_ticket(session, ticket, team, handled.now)
-        elif handled.customer.email in our_addresses(settings):
-            return  # staff writing on the thread (e.g. answering a notification): no clock
-        else:
-            sla.customer_reply(session, ticket, team, handled.now)
-        reschedule(session, ticket, settings)
-        session.commit()
+    session = handled.session()
+    ticket = handled.get(Ticket, handled.ticket_id)
+    team = settings.team_by_name(ticket.team) if ticket is not None else None
+    if ticket is None or team is None:
+        return
+    if handled.new_ticket:
+        # Opened in this transaction: no clocks yet, no step fired yet.
+        clocks = sla.start_ticket(session, ticket, team, handled.now, have={})
+        reschedule(session, ticket, settings, clocks=clocks, fired=set())
+    elif handled.customer.email in our_addresses(settings):
+        return  # staff writing on the thread (e.g. answering a notification): no clock
+    else:
+        clocks = sla.customer_reply(session, ticket, team, handled.now)
+        reschedule(session, ticket, settings, clocks=clocks)
 
 
 def on_agent_reply(session: Session, ticket: Ticket, now: datetime, *,

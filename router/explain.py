@@ -103,7 +103,7 @@ def _explain(settings: Settings, parsed: ParsedMail, rcpts: list[str], envelope_
                              "key": match.key, "value": match.value}
         context.suggest = learn.suggester(conn)
     try:
-        decision = classify(parsed, context,
+        decision = classify(parsed, context, with_tone=True,
                             language_hint=customer.language if customer is not None else None)
     except Unroutable as exc:
         out["unroutable"] = f"no team: the message would be parked for an admin ({exc})"

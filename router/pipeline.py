@@ -16,9 +16,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlmodel import Session
@@ -39,6 +39,7 @@ INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
 EVENT = Event.__table__  # type: ignore[attr-defined]
 UNKNOWN_SENDER = "unknown-sender@invalid"
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,6 +56,59 @@ class Handled:
     settings: Settings
     now: datetime
     decision: Decision | None = None   # the routing decision of a new ticket (classify)
+    conn: Connection | None = None
+    _session: Session | None = None
+    _rows: dict[tuple[type, int], Any] = field(default_factory=dict)
+
+    def session(self) -> Session:
+        """One ORM session for every hook of this message, on the routing connection: the
+        ticket and customer are loaded once and all hooks' rows go out in one flush."""
+        if self._session is None:
+            assert self.conn is not None
+            # Its own savepoint: its commit (`finish`) releases it, the batch's commit
+            # makes the rows durable, the message's savepoint rolls them back on failure.
+            self._session = Session(bind=self.conn, join_transaction_mode="create_savepoint",
+                                    expire_on_commit=False)
+        return self._session
+
+    def get(self, model: type[T], ident: int) -> T | None:
+        """`session().get`, but held here: the session's identity map is weak, and a row no
+        hook changed would otherwise be loaded again by the next hook."""
+        key = (model, ident)
+        if key not in self._rows:
+            self._rows[key] = self.session().get(model, ident)
+        return cast("T | None", self._rows[key])
+
+    def finish(self) -> None:
+        if self._session is not None:
+            self._session.commit()
+            self._session.close()
+            self._session = None
+
+
+CustomerFacts = tuple[bool, tuple[tuple[str, Any], ...], str | None]
+
+
+def _facts(vip: Any, attributes: Any, language: str | None) -> CustomerFacts:
+    """What a routing decision reads from the customer record (VIP, attributes, language),
+    in a form that compares by value."""
+    attrs = attributes if isinstance(attributes, dict) else {}
+    return bool(vip), tuple(sorted((str(k), v) for k, v in attrs.items())), language
+
+
+def sender_of(parsed: ParsedMail, inbound: Any) -> str:
+    # One customer per address: Alice@Example.org and alice@example.org are one person.
+    return normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
+
+
+@dataclass
+class Prepared:
+    """A message's work done before the write lock: its parse and, when it looked like a
+    new ticket, its routing decision and the customer facts that decision rests on."""
+
+    parsed: ParsedMail | BaseException
+    decision: Decision | BaseException | None = None
+    customer: CustomerFacts | None = None
 
 
 class Hook(Protocol):
@@ -71,6 +125,8 @@ class Pipeline:
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
+        self.lock_slice = 0.010   # seconds of write lock per transaction, at most
+        self.lock_pause = 0.0025  # between slices: longer than the intake's lock retry step
         self.hooks: list[Hook] = list(hooks or [])
         self.wake = threading.Event()
         self._log = log.get("router.pipeline")
@@ -94,36 +150,77 @@ class Pipeline:
     def process_batch(self) -> int:
         with self.read_engine.connect() as conn:
             rows = conn.execute(
-                select(INBOUND.c.id, INBOUND.c.raw)
-                .where(INBOUND.c.status == InboundStatus.NEW)
+                select(*INBOUND.c).where(INBOUND.c.status == InboundStatus.NEW)
                 .order_by(INBOUND.c.id).limit(self.batch_size)).all()
-        if not rows:
-            return 0
-        parsed: dict[int, ParsedMail | BaseException] = {}
-        for row in rows:
-            try:
-                parsed[row.id] = parse(row.raw)
-            except Exception as exc:  # parse() promises not to raise; park if it ever does
-                parsed[row.id] = exc
-        # One config for the whole batch: a message finishes under the config it started with.
-        settings = self.settings_provider()
+            if not rows:
+                return 0
+            # One config for the whole batch: a message finishes under the config it
+            # started with.
+            settings = self.settings_provider()
+            # The costly part (parsing, language, rules, the classifier) runs before the
+            # write lock is taken: intake's commits wait for the database writes only.
+            prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
+        ids = sorted(prepared)
         cols = [c for c in INBOUND.c if c.name != "raw"]
-        with self.write_engine.begin() as conn:
-            query = (select(*cols).where(INBOUND.c.id.in_(list(parsed)))
-                     .where(INBOUND.c.status == InboundStatus.NEW).order_by(INBOUND.c.id))
-            if not self.sqlite:
-                query = query.with_for_update(skip_locked=True)
-            for inbound in conn.execute(query).all():
-                self._handle_one(conn, inbound, parsed[inbound.id], settings)
+        while ids:
+            # The write lock is held for one slice of time at most, so intake's commits
+            # (and the senders' 250s) wait for a slice, not for a whole batch.
+            with self.write_engine.begin() as conn:
+                query = (select(*cols).where(INBOUND.c.id.in_(ids))
+                         .where(INBOUND.c.status == InboundStatus.NEW)
+                         .order_by(INBOUND.c.id))
+                if not self.sqlite:
+                    query = query.with_for_update(skip_locked=True)
+                slice_end = time.monotonic() + self.lock_slice
+                last = ids[-1]
+                for inbound in conn.execute(query).all():
+                    self._handle_one(conn, inbound, prepared[inbound.id], settings)
+                    if time.monotonic() > slice_end:
+                        last = inbound.id
+                        break
+            ids = [i for i in ids if i > last]
+            if ids:
+                time.sleep(self.lock_pause)  # room for the intake writer's next commit
         return len(rows)
 
-    def _handle_one(self, conn: Connection, inbound: Any,
-                    parsed: ParsedMail | BaseException, settings: Settings) -> None:
+    def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
+        """Parse, and classify what looks like a new ticket, on a read connection. The
+        write phase checks that what the decision rests on still holds."""
+        try:
+            parsed = parse(inbound.raw)
+        except Exception as exc:  # parse() promises not to raise; park if it ever does
+            return Prepared(exc)
+        out = Prepared(parsed)
+        if is_dsn(parsed) or find_thread(conn, parsed, settings) is not None:
+            return out  # a report, or a reply: nothing to classify
+        sender = sender_of(parsed, inbound)
+        row = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes, CUSTOMER.c.language)
+                           .where(CUSTOMER.c.email == sender)).first()
+        out.customer = _facts(row.vip, row.attributes, row.language) if row is not None \
+            else _facts(False, None, None)
+        try:
+            out.decision = self._classify(conn, parsed, inbound, settings, out.customer)
+        except Exception as exc:
+            # Raised again only if the message does open a ticket (it may yet thread).
+            out.decision = exc
+        return out
+
+    def _classify(self, conn: Connection, parsed: ParsedMail, inbound: Any,
+                  settings: Settings, customer: CustomerFacts) -> Decision:
+        vip, attributes, language = customer
+        context = Context(settings=settings, envelope_rcpts=list(inbound.rcpt_to),
+                          envelope_sender=inbound.mail_from, now=inbound.received_at,
+                          customer_vip=vip, customer_attributes=dict(attributes),
+                          suggest=learn.suggester(conn))
+        return classify(parsed, context, language_hint=language)
+
+    def _handle_one(self, conn: Connection, inbound: Any, prepared: Prepared,
+                    settings: Settings) -> None:
         savepoint = conn.begin_nested()
         try:
-            if isinstance(parsed, BaseException):
-                raise parsed
-            self.handle(conn, inbound, parsed, settings)
+            if isinstance(prepared.parsed, BaseException):
+                raise prepared.parsed
+            self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
             savepoint.commit()
             self.processed += 1
         except Exception as exc:
@@ -138,7 +235,7 @@ class Pipeline:
     # ------------------------------------------------------------------ one message
 
     def handle(self, conn: Connection, inbound: Any, parsed: ParsedMail,
-               settings: Settings) -> Handled | None:
+               settings: Settings, *, prepared: Prepared | None = None) -> Handled | None:
         at = inbound.received_at  # SLA clocks start when the mail arrived, not when we got to it
         if is_dsn(parsed):
             # A delivery report about our own mail: recorded on the ticket it concerns, never
@@ -155,8 +252,7 @@ class Pipeline:
         # of the team: it must be judged here, before it could thread or open a ticket.
         if agentmail.handle_reply(conn, inbound, parsed, settings, self.clock()):
             return None
-        # One customer per address: Alice@Example.org and alice@example.org are one person.
-        sender = normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
+        sender = sender_of(parsed, inbound)
         customer = customer_for(conn, sender, parsed.sender_name, at)
         version = settings.digest[:16] or None
         match = find_thread(conn, parsed, settings)
@@ -165,14 +261,17 @@ class Pipeline:
                                      config_version=version, now=at)
             ticket_id, new = match.ticket_id, False
         else:
-            vip = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes)
+            row = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes)
                                .where(CUSTOMER.c.id == customer.id)).one()
-            context = Context(settings=settings, envelope_rcpts=list(inbound.rcpt_to),
-                              envelope_sender=inbound.mail_from, now=at,
-                              customer_vip=bool(vip.vip),
-                              customer_attributes=dict(vip.attributes or {}),
-                              suggest=learn.suggester(conn))
-            decision = classify(parsed, context, language_hint=customer.language)
+            facts = _facts(row.vip, row.attributes, customer.language)
+            early = prepared.decision if prepared is not None else None
+            if early is not None and prepared is not None and prepared.customer == facts:
+                if isinstance(early, BaseException):
+                    raise early
+                decision = early
+            else:
+                # Nothing prepared, or the customer record changed since: decide now.
+                decision = self._classify(conn, parsed, inbound, settings, facts)
             if decision.spam is not None:
                 # Stored, not routed, never acknowledged; the event keeps the decision.
                 conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
@@ -196,9 +295,14 @@ class Pipeline:
         conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
             status=InboundStatus.DONE, ticket_id=ticket_id, processed_at=self.clock()))
         handled = Handled(inbound, parsed, ticket_id, article_id, customer, new, settings, at,
-                          decision if new else None)
-        for hook in self.hooks:
-            hook(conn, handled)
+                          decision if new else None, conn)
+        try:
+            for hook in self.hooks:
+                hook(conn, handled)
+            handled.finish()
+        finally:
+            if handled._session is not None:
+                handled._session.close()
         return handled
 
     # ------------------------------------------------------------------ the loop

@@ -187,27 +187,33 @@ def _restart(c: SlaClock, team: Team, now: datetime) -> None:
     refresh_deadline(c, team)
 
 
-def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime) -> None:
-    """A new ticket: first_response and resolution start at `now` (its arrival)."""
+def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
+                 have: dict[str, SlaClock] | None = None) -> dict[str, SlaClock]:
+    """A new ticket: first_response and resolution start at `now` (its arrival). `have`:
+    its clocks, when the caller knows them (a ticket the pipeline just opened has none).
+    Returns the ticket's clocks."""
     assert ticket.id is not None
-    have = clocks(session, ticket.id)
+    have = dict(clocks(session, ticket.id) if have is None else have)
     for name in (FIRST_RESPONSE, RESOLUTION):
         if name not in have:
             c = _new(session, ticket.id, name, team, now)
             if ticket.status not in RUNNING_STATUSES:
                 _pause(c, team, now)
+            have[name] = c
+    return have
 
 
-def customer_reply(session: Session, ticket: Ticket, team: Team, now: datetime) -> None:
-    """A customer wrote on an existing ticket (which the pipeline made new/open again)."""
+def customer_reply(session: Session, ticket: Ticket, team: Team,
+                   now: datetime) -> dict[str, SlaClock]:
+    """A customer wrote on an existing ticket (which the pipeline made new/open again).
+    Returns the ticket's clocks."""
     assert ticket.id is not None
     have = clocks(session, ticket.id)
     if not have:
         # A ticket from before the clocks existed: start them now rather than never.
-        start_ticket(session, ticket, team, now)
-        have = clocks(session, ticket.id)
+        have = start_ticket(session, ticket, team, now, have=have)
     if ticket.status not in RUNNING_STATUSES:
-        return
+        return have
     res = have.get(RESOLUTION)
     if res is not None:
         _unstop(res, team, now)
@@ -215,14 +221,15 @@ def customer_reply(session: Session, ticket: Ticket, team: Team, now: datetime) 
     if ticket.first_response_at is None:
         if first is not None:
             _unstop(first, team, now)
-        return
+        return have
     nxt = have.get(NEXT_RESPONSE)
     if nxt is None:
-        _new(session, ticket.id, NEXT_RESPONSE, team, now, cycle=1)
+        have[NEXT_RESPONSE] = _new(session, ticket.id, NEXT_RESPONSE, team, now, cycle=1)
     elif nxt.stopped_at is not None:
         _restart(nxt, team, now)
     else:
         _resume(nxt, team, now)   # paused (pending): resume; running: keeps its start
+    return have
 
 
 def agent_reply(session: Session, ticket: Ticket, team: Team, now: datetime) -> None:

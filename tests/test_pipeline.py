@@ -306,6 +306,7 @@ def test_crash_mid_batch_rolls_back_and_resumes_exactly_once(store: Store) -> No
             raise Crash
 
     crashing = store.new_pipeline(hooks=[crash_on_third])
+    crashing.lock_slice = 60.0  # the whole batch in one write transaction
     try:
         with pytest.raises(Crash):
             crashing.process_batch()
@@ -323,6 +324,32 @@ def test_crash_mid_batch_rolls_back_and_resumes_exactly_once(store: Store) -> No
     assert {x.status for x in rows} == {InboundStatus.DONE}
     assert sorted(x.ticket_id for x in rows) == sorted(t.id for t in tickets)
     assert len(all_of(store, Article)) == 5 and len(all_of(store, Decision)) == 5
+
+
+def test_crash_after_committed_slices_resumes_the_rest_exactly_once(store: Store) -> None:
+    """The write lock is held one time slice at most: slices committed before a crash stay
+    done, the slice that crashed rolls back, and the next run finishes the rest once."""
+    for i in range(5):
+        store.accept(make_mail(subject=f"slice {i}", frm=f"s{i}@example.org"))
+
+    def crash_on_third(conn: Any, handled: Handled) -> None:
+        if handled.parsed.subject == "slice 2":
+            raise Crash
+
+    crashing = store.new_pipeline(hooks=[crash_on_third])
+    crashing.lock_slice = 0.0  # every message in a transaction of its own
+    crashing.lock_pause = 0.0
+    try:
+        with pytest.raises(Crash):
+            crashing.process_batch()
+    finally:
+        crashing.close()
+    status = {x.id: x.status for x in all_of(store, Inbound)}
+    assert sorted(status.values()) == [InboundStatus.DONE] * 2 + [InboundStatus.NEW] * 3
+    assert store.drain() == 3
+    tickets = all_of(store, Ticket)
+    assert sorted(t.subject for t in tickets) == [f"slice {i}" for i in range(5)]
+    assert len(all_of(store, Article)) == 5
 
 
 # ---------------------------------------------------------------------------- PostgreSQL

@@ -29,6 +29,11 @@ class Features:
     def tone(self) -> Tone:
         return analyze(self.message.subject, self.message.text, self.language)
 
+    @property
+    def computed_tone(self) -> Tone | None:
+        """The tone if a rule needed it, else None (it is not worth computing otherwise)."""
+        return self.__dict__.get("tone")
+
     @cached_property
     def sender(self) -> str:
         return normalize_address(self.message.sender_email or self.context.envelope_sender)
