@@ -75,6 +75,7 @@ enabled = false
 
 [pipeline]
 workers = {workers}
+nice = {nice}
 """
 TEAMS = "".join(f"""
 [[team]]
@@ -257,7 +258,7 @@ def pipeline_done(db: Path) -> tuple[int, int]:
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int,
-        intake_only: bool = False) -> dict[str, object]:
+        intake_only: bool = False, nice: int = 19) -> dict[str, object]:
     messages = make_messages(n + warmup, seed)
     warm, main = messages[:warmup], messages[warmup:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -283,7 +284,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int,
         port = free_port()
         cfg = Path(tmp) / "router.toml"
         cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates",
-                                     workers=0 if intake_only else 1)
+                                     workers=0 if intake_only else 1, nice=nice)
                        + TEAMS)
         log = open(Path(tmp) / "router.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", str(cfg),
@@ -338,9 +339,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--intake-only", action="store_true",
                     help="run router with no pipeline worker (acceptance alone)")
+    ap.add_argument("--nice", type=int, default=19,
+                    help="the pipeline worker's CPU priority ([pipeline] nice)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    r = run(args.messages, args.concurrency, args.seed, args.warmup, args.intake_only)
+    r = run(args.messages, args.concurrency, args.seed, args.warmup, args.intake_only,
+            args.nice)
     if args.json:
         print(json.dumps(r, indent=2))
         return

@@ -28,11 +28,11 @@ from intake import CONFIG, TEAMS, make_messages  # noqa: E402
 
 from router import log  # noqa: E402
 from router import settings as config  # noqa: E402
+from router.clock import system_clock  # noqa: E402
 from router.db import upgrade  # noqa: E402
 from router.hooks import default_hooks  # noqa: E402
 from router.intake.accept import Envelope, insert_statement, intake_engine, write_rows  # noqa: E402
 from router.intake.accept import _row as inbound_row  # noqa: E402
-from router.clock import system_clock  # noqa: E402
 from router.pipeline import Pipeline  # noqa: E402
 
 

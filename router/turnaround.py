@@ -15,8 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func
-from sqlmodel import col, select
+from sqlalchemy import and_, bindparam, func, select
 
 from router.models import Ticket, TicketStatus
 
@@ -185,6 +184,18 @@ def promise_kept(promised_at: datetime, first_response_at: datetime) -> bool:
 
 _HISTORY: dict[tuple[str, str], tuple[tuple[Any, ...], list[float], list[datetime]]] = {}
 
+# Built once: every acknowledgement asks, and building a statement costs more than running it.
+_T = Ticket.__table__  # type: ignore[attr-defined]
+_ANSWERED = and_(_T.c.team == bindparam("team"), _T.c.created_at >= bindparam("since"),
+                 _T.c.created_at <= bindparam("now"), _T.c.first_response_at.is_not(None),
+                 _T.c.first_response_at <= bindparam("now"))
+_SIGNATURE = select(func.count(), func.max(_T.c.first_response_at), func.min(_T.c.created_at),
+                    func.max(_T.c.id)).where(_ANSWERED)
+_SAMPLES = select(_T.c.created_at, _T.c.first_response_at).where(_ANSWERED)
+_BACKLOG = select(func.count()).select_from(_T).where(
+    _T.c.team == bindparam("team"), _T.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
+    _T.c.first_response_at.is_(None), _T.c.id != bindparam("exclude"))
+
 
 def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
             window: timedelta = timedelta(days=28), *, exclude_id: int | None = None,
@@ -198,16 +209,13 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
     one query that filters by team and created_at serves both; None if the calendar had no
     open time to measure over.
     """
-    since = now - window
-    answered = (Ticket.team == team, col(Ticket.created_at) >= since,
-                col(Ticket.created_at) <= now, col(Ticket.first_response_at).is_not(None),
-                col(Ticket.first_response_at) <= now)
+    session.flush()  # the queries below read the tables directly
+    conn = session.connection()
+    params = {"team": team, "since": now - window, "now": now}
     # Converting each answered ticket to business seconds is the costly part, and it is the
     # same for every new ticket until an answer arrives or one leaves the window: keep it,
     # keyed by what would change it.
-    signature = tuple(session.exec(
-        select(func.count(), func.max(Ticket.first_response_at), func.min(Ticket.created_at),
-               func.max(Ticket.id)).where(*answered)).one())
+    signature = tuple(conn.execute(_SIGNATURE, params).one())
     ckey = calendar.cache_key()
     key = (team, ckey or "")
     cached = _HISTORY.get(key) if ckey is not None else None
@@ -215,8 +223,7 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
         samples, answered_at = cached[1], cached[2]
     else:
         samples, answered_at = [], []
-        for created, first in session.exec(
-                select(Ticket.created_at, Ticket.first_response_at).where(*answered)).all():
+        for created, first in conn.execute(_SAMPLES, params).all():
             if first is None:
                 continue
             samples.append(calendar.business_seconds(created, first))
@@ -225,13 +232,7 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
             if len(_HISTORY) > 256:
                 _HISTORY.clear()
             _HISTORY[key] = (signature, samples, answered_at)
-
-    stmt = select(func.count()).select_from(Ticket).where(
-        Ticket.team == team, col(Ticket.status).in_((TicketStatus.NEW, TicketStatus.OPEN)),
-        col(Ticket.first_response_at).is_(None))
-    if exclude_id is not None:
-        stmt = stmt.where(Ticket.id != exclude_id)
-    backlog = int(session.exec(stmt).one())
+    backlog = int(conn.execute(_BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
 
     rate_start = calendar.add_business(now, -rate_hours * 3600.0)
     hours = calendar.business_seconds(rate_start, now) / 3600.0

@@ -53,9 +53,14 @@ def _first_settings(config_path: str, updates: Any) -> config.Settings:
 
 
 def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
-                  log_level: str, log_json: bool | None, updates: Any = None) -> None:
+                  log_level: str, log_json: bool | None, updates: Any = None,
+                  parent: int | None = None) -> None:
     _die_with_parent()
-    parent = os.getppid()
+    # The parent is named by the daemon, not read here: a daemon killed before the line
+    # above ran would leave us adopted by init, and getppid() would then name init.
+    parent = parent if parent is not None else os.getppid()
+    if os.getppid() != parent:
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     # Reloading is the daemon's job (router.reload): it validates, records and then sends
     # each applied config through `updates`. A SIGHUP sent to us goes to it.
@@ -124,7 +129,7 @@ class PipelineProcess:
         self.process = ctx.Process(
             target=pipeline_main, name="router-pipeline",
             args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json,
-                  self.updates))
+                  self.updates, os.getpid()))
 
     def start(self) -> None:
         self.process.start()

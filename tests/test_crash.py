@@ -4,6 +4,8 @@ exactly one ticket; messages whose 250 never arrived may be stored (once) or not
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import smtplib
 import threading
@@ -14,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from router import db
+from router.worker import pipeline_main
 from tests.conftest import write_config
 from tests.daemon import start_router
 
@@ -105,3 +108,44 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     assert all(r.status == "done" for r in rows)
     # Every message is new (unique subject, no threading keys): one ticket each.
     assert tickets == len(rows)
+    # No pipeline worker outlived the daemon that was killed while starting it.
+    assert _orphaned_workers() == []
+
+
+def _orphaned_workers() -> list[int]:
+    """Pipeline workers started during this test (they inherit its PYTEST_CURRENT_TEST)
+    that init adopted: their daemon was killed and they kept running."""
+    me = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if ppid == 1 and b"spawn_main" in cmd and me.encode() in env:
+            out.append(int(pid))
+    return out
+
+
+def test_worker_whose_daemon_died_before_it_started_exits() -> None:
+    """The daemon names itself to the worker: a worker that finds another parent (the daemon
+    was killed before the worker could ask to die with it) stops at once."""
+    ctx = multiprocessing.get_context("spawn")
+    gone = ctx.Process(target=os.getpid)
+    gone.start()
+    gone.join()
+    assert gone.pid is not None
+    wake, stop = ctx.Event(), ctx.Event()  # held until the child has them
+    worker = ctx.Process(target=pipeline_main, args=(
+        "/nonexistent/router.toml", wake, stop, 0, "warning", True, None, gone.pid))
+    worker.start()
+    worker.join(60)
+    alive = worker.is_alive()
+    if alive:
+        worker.kill()
+    assert not alive and worker.exitcode == 0
