@@ -258,7 +258,7 @@ def pipeline_done(db: Path) -> tuple[int, int]:
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int,
-        intake_only: bool = False, nice: int = 19) -> dict[str, object]:
+        intake_only: bool = False, nice: int = 19, workers: int = 1) -> dict[str, object]:
     messages = make_messages(n + warmup, seed)
     warm, main = messages[:warmup], messages[warmup:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -284,7 +284,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int,
         port = free_port()
         cfg = Path(tmp) / "router.toml"
         cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates",
-                                     workers=0 if intake_only else 1, nice=nice)
+                                     workers=0 if intake_only else workers, nice=nice)
                        + TEAMS)
         log = open(Path(tmp) / "router.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", str(cfg),
@@ -341,10 +341,12 @@ def main() -> None:
                     help="run router with no pipeline worker (acceptance alone)")
     ap.add_argument("--nice", type=int, default=19,
                     help="the pipeline worker's CPU priority ([pipeline] nice)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="pipeline worker processes ([pipeline] workers)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     r = run(args.messages, args.concurrency, args.seed, args.warmup, args.intake_only,
-            args.nice)
+            args.nice, args.workers)
     if args.json:
         print(json.dumps(r, indent=2))
         return

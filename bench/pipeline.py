@@ -41,7 +41,8 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int) -> None:
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
         cfg = Path(tmp) / "router.toml"
-        text = CONFIG.format(port=2525, db=db, templates=REPO / "templates", workers=1) + TEAMS
+        text = CONFIG.format(port=2525, db=db, templates=REPO / "templates", workers=1,
+                             nice=19) + TEAMS
         if ack:
             text = text.replace("[ack]\nenabled = false", "[ack]\nenabled = true")
         cfg.write_text(text)

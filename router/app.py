@@ -67,8 +67,8 @@ class Daemon:
         self.settings = reloader.live.current()
 
         workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
-                                   log_json=self.log_json)
-                   for _ in range(s.pipeline.workers)]
+                                   log_json=self.log_json, part=(i, s.pipeline.workers))
+                   for i in range(s.pipeline.workers)]
         for w in workers:
             w.start()
             w.update(self.settings)

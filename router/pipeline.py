@@ -101,6 +101,22 @@ def sender_of(parsed: ParsedMail, inbound: Any) -> str:
     return normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
 
 
+class ParentPending(Exception):
+    """The message answers one that arrived earlier and is still waiting for another worker
+    (or instance): handled now it would open a ticket of its own instead of threading."""
+
+
+def _check_parents(conn: Connection, parsed: ParsedMail, inbound_id: int) -> None:
+    keys = [*parsed.in_reply_to, *parsed.references]
+    if not keys:
+        return
+    parent = conn.execute(select(INBOUND.c.id).where(
+        INBOUND.c.message_id.in_(keys), INBOUND.c.status == InboundStatus.NEW,
+        INBOUND.c.id < inbound_id).limit(1)).scalar()
+    if parent is not None:
+        raise ParentPending(parent)
+
+
 @dataclass
 class Prepared:
     """A message's work done before the write lock: its parse and, when it looked like a
@@ -118,13 +134,16 @@ class Hook(Protocol):
 class Pipeline:
     def __init__(self, url: str, settings_provider: Callable[[], Settings], *,
                  clock: Clock = system_clock, batch_size: int = 32,
-                 hooks: list[Hook] | None = None) -> None:
+                 hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1)) -> None:
         self.read_engine: Engine = make_engine(url)
         self.write_engine: Engine = make_engine(url, immediate=True)
         self.sqlite = is_sqlite(url)
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
+        # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
+        # that remainder: no two workers parse the same message.
+        self.part = part
         self.lock_slice = 0.010   # seconds of write lock per transaction, at most
         self.lock_pause = 0.0025  # between slices: longer than the intake's lock retry step
         self.hooks: list[Hook] = list(hooks or [])
@@ -132,6 +151,7 @@ class Pipeline:
         self._log = log.get("router.pipeline")
         self.processed = 0
         self.parked = 0
+        self.deferred = 0
 
     def warm_up(self) -> None:
         """Load the language and tone models now: the first batch would otherwise load them
@@ -148,10 +168,12 @@ class Pipeline:
     # ------------------------------------------------------------------ one batch
 
     def process_batch(self) -> int:
+        index, count = self.part
+        query = select(*INBOUND.c).where(INBOUND.c.status == InboundStatus.NEW)
+        if count > 1:
+            query = query.where(INBOUND.c.id % count == index)
         with self.read_engine.connect() as conn:
-            rows = conn.execute(
-                select(*INBOUND.c).where(INBOUND.c.status == InboundStatus.NEW)
-                .order_by(INBOUND.c.id).limit(self.batch_size)).all()
+            rows = conn.execute(query.order_by(INBOUND.c.id).limit(self.batch_size)).all()
             if not rows:
                 return 0
             # One config for the whole batch: a message finishes under the config it
@@ -162,6 +184,7 @@ class Pipeline:
             prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
         ids = sorted(prepared)
         cols = [c for c in INBOUND.c if c.name != "raw"]
+        done_before = self.processed + self.parked
         while ids:
             # The write lock is held for one slice of time at most, so intake's commits
             # (and the senders' 250s) wait for a slice, not for a whole batch.
@@ -181,7 +204,7 @@ class Pipeline:
             ids = [i for i in ids if i > last]
             if ids:
                 time.sleep(self.lock_pause)  # room for the intake writer's next commit
-        return len(rows)
+        return self.processed + self.parked - done_before
 
     def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
         """Parse, and classify what looks like a new ticket, on a read connection. The
@@ -223,6 +246,10 @@ class Pipeline:
             self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
             savepoint.commit()
             self.processed += 1
+        except ParentPending as wait:
+            savepoint.rollback()  # stays new; a later batch takes it after its parent
+            self.deferred += 1
+            self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
         except Exception as exc:
             savepoint.rollback()
             conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
@@ -256,6 +283,8 @@ class Pipeline:
         customer = customer_for(conn, sender, parsed.sender_name, at)
         version = settings.digest[:16] or None
         match = find_thread(conn, parsed, settings)
+        if match is None:
+            _check_parents(conn, parsed, inbound.id)
         if match is not None:
             article_id = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                      config_version=version, now=at)

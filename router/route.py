@@ -53,7 +53,6 @@ _SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
     T_TICKET.c.id == bindparam("tid"))
 _SEL_CUSTOMER = select(T_CUSTOMER.c.id, T_CUSTOMER.c.name, T_CUSTOMER.c.language).where(
     T_CUSTOMER.c.email == bindparam("email"))
-_INS_CUSTOMER = insert(T_CUSTOMER).returning(T_CUSTOMER.c.id)
 _UPD_CUSTOMER = update(T_CUSTOMER).where(T_CUSTOMER.c.id == bindparam("cid")).values(
     last_seen_at=bindparam("last_seen_at"), name=bindparam("name"))
 _INS_TICKET = insert(T_TICKET).returning(T_TICKET.c.id)
@@ -117,10 +116,14 @@ def customer_for(conn: Connection, email: str, name: str, now: datetime) -> Cust
     """One customer record per mail address, whichever role address or channel it used."""
     row = conn.execute(_SEL_CUSTOMER, {"email": email}).first()
     if row is None:
-        cid = conn.execute(_INS_CUSTOMER, {
+        # Another instance may create the same customer at the same moment (PostgreSQL):
+        # the unique email decides, and whoever lost reads the winner's row.
+        cid = conn.execute(_insert_ignore(conn, T_CUSTOMER).returning(T_CUSTOMER.c.id), {
             "email": email, "name": name, "language": None, "vip": False, "created_at": now,
-            "last_seen_at": now, "attributes": {}}).scalar_one()
-        return CustomerRef(cid, email, name, None)
+            "last_seen_at": now, "attributes": {}}).scalar()
+        if cid is not None:
+            return CustomerRef(cid, email, name, None)
+        row = conn.execute(_SEL_CUSTOMER, {"email": email}).one()
     conn.execute(_UPD_CUSTOMER, {"cid": row.id, "last_seen_at": now,
                                  "name": row.name or name})
     return CustomerRef(row.id, email, row.name or name, row.language)

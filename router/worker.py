@@ -54,7 +54,7 @@ def _first_settings(config_path: str, updates: Any) -> config.Settings:
 
 def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
                   log_level: str, log_json: bool | None, updates: Any = None,
-                  parent: int | None = None) -> None:
+                  parent: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
     _die_with_parent()
     # The parent is named by the daemon, not read here: a daemon killed before the line
     # above ran would leave us adopted by init, and getppid() would then name init.
@@ -94,7 +94,8 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
         return live.current()
 
     pipeline = Pipeline(settings.database_url, current_settings,
-                        batch_size=settings.pipeline.batch_size, hooks=default_hooks())
+                        batch_size=settings.pipeline.batch_size, hooks=default_hooks(),
+                        part=part)
     done = threading.Event()
 
     def relay_wake() -> None:
@@ -121,7 +122,7 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
 
 class PipelineProcess:
     def __init__(self, config_path: Path, *, nice: int = 5, log_level: str = "info",
-                 log_json: bool | None = None) -> None:
+                 log_json: bool | None = None, part: tuple[int, int] = (0, 1)) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.wake = ctx.Event()
         self.stop_event = ctx.Event()
@@ -129,7 +130,7 @@ class PipelineProcess:
         self.process = ctx.Process(
             target=pipeline_main, name="router-pipeline",
             args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json,
-                  self.updates, os.getpid()))
+                  self.updates, os.getpid(), part))
 
     def start(self) -> None:
         self.process.start()

@@ -27,7 +27,7 @@ from router.models import (
     InboundStatus,
     Ticket,
 )
-from router.pipeline import Handled
+from router.pipeline import Handled, Pipeline
 from tests.daemon import (
     MakeRouter,
     Store,
@@ -350,6 +350,32 @@ def test_crash_after_committed_slices_resumes_the_rest_exactly_once(store: Store
     tickets = all_of(store, Ticket)
     assert sorted(t.subject for t in tickets) == [f"slice {i}" for i in range(5)]
     assert len(all_of(store, Article)) == 5
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def test_workers_split_the_messages_and_a_reply_waits_for_its_parent(store: Store) -> None:
+    """Two workers take alternate messages; a reply that reaches its worker before the
+    message it answers was routed (by the other worker) waits instead of opening a ticket."""
+    store.accept(make_mail(subject="odd one", message_id="<parent@example.org>"))  # id 1
+    store.accept(make_mail(subject="Re: odd one", in_reply_to="<parent@example.org>",
+                           references="<parent@example.org>"))                      # id 2
+    store.accept(make_mail(subject="unrelated", frm="bob@example.org"))               # id 3
+    even = Pipeline(store.url, store.current_settings, part=(0, 2))
+    odd = Pipeline(store.url, store.current_settings, part=(1, 2))
+    try:
+        assert even.process_batch() == 0 and even.deferred == 1  # the reply: parent pending
+        assert {x.id: x.status for x in all_of(store, Inbound)}[2] == InboundStatus.NEW
+        assert odd.process_batch() == 2  # ids 1 and 3, never id 2
+        assert even.process_batch() == 1
+    finally:
+        even.close()
+        odd.close()
+    rows = {x.id: x for x in all_of(store, Inbound)}
+    assert {x.status for x in rows.values()} == {InboundStatus.DONE}
+    assert rows[1].ticket_id == rows[2].ticket_id != rows[3].ticket_id
+    assert len(all_of(store, Ticket)) == 2
 
 
 # ---------------------------------------------------------------------------- PostgreSQL
