@@ -12,14 +12,14 @@ steps fire while mail is coming in.
    median of several rounds. Both should cost the same at either size: the scheduler reads
    the `ticket.next_due_at` index, never the open tickets.
 2. *Lateness under load.* A real clock and `EscalationScheduler.run()` on an event loop,
-   while one thread accepts mail as fast as `accept_sync` commits it (each a new ticket,
-   one transaction per message, as the pipe channel does) and another runs the pipeline with
-   `sla_hook`. Every ticket has a step 2s after arrival. Printed: lateness of each fired
-   step (fired_at - due_at) and the pipeline's lag (processed - received), which a step
-   inherits when routing is slower than the step's delay, and the scheduler's own lateness,
-   fired_at - max(due_at, routed_at). `--rate` caps intake. Everything runs in this one
-   process, so the scheduler competes for the GIL with intake and pipeline: the daemon,
-   which runs the pipeline in its own process, does no worse.
+   while a thread accepts mail as fast as `accept_sync` commits it (each a new ticket, one
+   transaction per message, as the pipe channel does) and a pipeline worker process routes
+   it with every hook, as `router serve` runs it. Every ticket has a step 2s after arrival.
+   Printed: lateness of each fired step (fired_at - due_at) and the pipeline's lag
+   (processed - received), which a step inherits when routing is slower than the step's
+   delay, and the scheduler's own lateness, fired_at - max(due_at, routed_at). `--rate`
+   caps intake. Intake and the scheduler share this process and its GIL, as they share the
+   daemon's.
 
 Figures from a shared machine are noisy; compare within one run.
 """
@@ -50,7 +50,7 @@ from sqlalchemy import Engine, delete, func, insert, select, update  # noqa: E40
 from router import db, log  # noqa: E402
 from router import settings as config  # noqa: E402
 from router.clock import FakeClock, system_clock  # noqa: E402
-from router.escalate import EscalationScheduler, sla_hook  # noqa: E402
+from router.escalate import EscalationScheduler  # noqa: E402
 from router.intake.accept import Envelope, accept_sync, intake_engine  # noqa: E402
 from router.models import (  # noqa: E402
     Customer,
@@ -62,7 +62,7 @@ from router.models import (  # noqa: E402
     ThreadKey,
     Ticket,
 )
-from router.pipeline import Pipeline  # noqa: E402
+from router.worker import PipelineProcess  # noqa: E402
 
 T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
 T_CLOCK = SlaClock.__table__  # type: ignore[attr-defined]
@@ -207,13 +207,23 @@ def _mail(i: int) -> bytes:
     return msg.as_bytes()
 
 
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(T_INBOUND)
+                                .where(T_INBOUND.c.status == "new")).scalar() or 0)
+
+
 def measure_lateness(directory: Path, url: str, seconds: float,
                      rate: float | None = None) -> dict[str, Any]:
     fresh_database(url)
     settings = make_settings(directory, url, "2s")
     engine = db.make_engine(url)
     acceptor_engine = intake_engine(url)
-    pipeline = Pipeline(url, lambda: settings, hooks=[sla_hook], batch_size=32)
+    # The pipeline runs as `router serve` runs it: its own process, all hooks, niced.
+    worker = PipelineProcess(directory / "router.toml", nice=settings.pipeline.nice,
+                             log_level="warning", log_json=True)
+    worker.start()
+    worker.update(settings)
     stop_load = threading.Event()
     accepted = [0]
 
@@ -226,24 +236,22 @@ def measure_lateness(directory: Path, url: str, seconds: float,
                 continue
             accept_sync(acceptor_engine, Envelope("smtp", f"c{i}@example.org",
                                                   ["desk@bench.example"], _mail(i)))
+            worker.notify()
             i += 1
             accepted[0] = i
-
-    def route() -> None:
-        pipeline.run(stop_load, idle_poll=0.02)
 
     async def main() -> None:
         sched = EscalationScheduler(engine, lambda: settings, system_clock, max_sleep=1.0)
         stop = asyncio.Event()
         task = asyncio.create_task(sched.run(stop))
-        threads = [threading.Thread(target=load), threading.Thread(target=route)]
-        for t in threads:
-            t.start()
+        loader = threading.Thread(target=load)
+        loader.start()
         await asyncio.sleep(seconds)
         stop_load.set()
-        for t in threads:
-            await asyncio.to_thread(t.join)
-        await asyncio.to_thread(pipeline.drain)
+        await asyncio.to_thread(loader.join)
+        deadline = time.monotonic() + 300
+        while await asyncio.to_thread(_pending, engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         await asyncio.sleep(3.5)        # the last tickets' 2s steps
         stop.set()
         await task
@@ -256,6 +264,7 @@ def measure_lateness(directory: Path, url: str, seconds: float,
         asyncio.run(main())
     finally:
         sys.setswitchinterval(previous)
+    worker.stop()
     with engine.connect() as conn:
         rows = conn.execute(
             select(T_ESC.c.fired_at, T_ESC.c.due_at, T_INBOUND.c.processed_at)
@@ -268,7 +277,6 @@ def measure_lateness(directory: Path, url: str, seconds: float,
         lag = [(r.processed_at - r.received_at).total_seconds() for r in conn.execute(
             select(T_INBOUND.c.received_at, T_INBOUND.c.processed_at))]
         tickets = conn.execute(select(func.count()).select_from(T_TICKET)).scalar() or 0
-    pipeline.close()
     engine.dispose()
     acceptor_engine.dispose()
     late.sort()

@@ -144,7 +144,9 @@ class Pipeline:
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
-        self.lock_slice = 0.010   # seconds of write lock per transaction, at most
+        # SQLite has one writer: hold its lock one slice of time at most. PostgreSQL locks
+        # rows, so a batch is one transaction there.
+        self.lock_slice = 0.010 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # between slices: longer than the intake's lock retry step
         self.hooks: list[Hook] = list(hooks or [])
         self.wake = threading.Event()
