@@ -13,7 +13,7 @@ from router import db, log
 from router import settings as config
 from router.clock import system_clock
 from router.escalate import EscalationScheduler
-from router.intake.accept import Acceptor, intake_engine
+from router.intake.accept import Acceptor, IntakeSignal, intake_engine
 from router.intake.imap import ImapManager
 from router.intake.smtp import IntakeHandler, start_server
 from router.outbox import OutboxWorker
@@ -66,8 +66,10 @@ class Daemon:
         reloader = Reloader(self.path, s, recorder=Recorder(url))
         self.settings = reloader.live.current()
 
+        signal_ = IntakeSignal()  # intake → workers: "I am waiting for the write lock"
         workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
-                                   log_json=self.log_json, part=(i, s.pipeline.workers))
+                                   log_json=self.log_json, part=(i, s.pipeline.workers),
+                                   intake=signal_)
                    for i in range(s.pipeline.workers)]
         for w in workers:
             w.start()
@@ -87,7 +89,7 @@ class Daemon:
                 w.notify()
 
         engine = intake_engine(url)
-        acceptor = Acceptor(engine, on_commit=committed)
+        acceptor = Acceptor(engine, on_commit=committed, signal=signal_)
         await acceptor.start()
         # IMAP mailboxes go through the same acceptor: same durability, same dedupe, and
         # their commits wake the pipeline too. Accounts follow config reloads by themselves.

@@ -28,6 +28,7 @@ from router.bounce import handle_dsn, is_dsn
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
+from router.intake.accept import IntakeSignal
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import Customer, Event, Inbound, InboundStatus
 from router.route import CustomerRef, customer_for, find_thread, open_ticket, thread_onto
@@ -134,7 +135,8 @@ class Hook(Protocol):
 class Pipeline:
     def __init__(self, url: str, settings_provider: Callable[[], Settings], *,
                  clock: Clock = system_clock, batch_size: int = 32,
-                 hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1)) -> None:
+                 hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1),
+                 intake: IntakeSignal | None = None) -> None:
         self.read_engine: Engine = make_engine(url)
         self.write_engine: Engine = make_engine(url, immediate=True)
         self.sqlite = is_sqlite(url)
@@ -144,10 +146,13 @@ class Pipeline:
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
-        # SQLite has one writer: hold its lock one slice of time at most. PostgreSQL locks
-        # rows, so a batch is one transaction there.
-        self.lock_slice = 0.010 if self.sqlite else float("inf")
-        self.lock_pause = 0.0025  # between slices: longer than the intake's lock retry step
+        # SQLite has one writer. The daemon's intake says when it waits for the lock
+        # (`intake`): the worker then commits after the message in hand and lets it in.
+        # Other writers (`router ingest`, the console) wait one slice of time at most.
+        # PostgreSQL locks rows, so a batch is one transaction there.
+        self.intake = intake if self.sqlite else None
+        self.lock_slice = 0.050 if self.sqlite else float("inf")
+        self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
         self.hooks: list[Hook] = list(hooks or [])
         self.wake = threading.Event()
         self._log = log.get("router.pipeline")
@@ -200,13 +205,25 @@ class Pipeline:
                 last = ids[-1]
                 for inbound in conn.execute(query).all():
                     self._handle_one(conn, inbound, prepared[inbound.id], settings)
-                    if time.monotonic() > slice_end:
+                    if time.monotonic() > slice_end or (
+                            self.intake is not None and self.intake.blocked()):
                         last = inbound.id
                         break
+                commits = self.intake.commits() if self.intake is not None else 0
             ids = [i for i in ids if i > last]
             if ids:
-                time.sleep(self.lock_pause)  # room for the intake writer's next commit
+                self._give_way(commits)
         return self.processed + self.parked - done_before
+
+    def _give_way(self, commits: int) -> None:
+        """Between two write transactions of a batch: let a waiting intake commit first."""
+        if self.intake is None:
+            time.sleep(self.lock_pause)
+            return
+        until = time.monotonic() + 0.02
+        while (self.intake.blocked() and self.intake.commits() == commits
+               and time.monotonic() < until):
+            time.sleep(0.0002)
 
     def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
         """Parse, and classify what looks like a new ticket, on a read connection. The

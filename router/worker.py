@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from router import log
 from router import settings as config
+from router.intake.accept import IntakeSignal
 from router.reload import LiveConfig
 
 PR_SET_PDEATHSIG = 1
@@ -54,7 +55,8 @@ def _first_settings(config_path: str, updates: Any) -> config.Settings:
 
 def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
                   log_level: str, log_json: bool | None, updates: Any = None,
-                  parent: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+                  parent: int | None = None, part: tuple[int, int] = (0, 1),
+                  intake: IntakeSignal | None = None) -> None:
     _die_with_parent()
     # The parent is named by the daemon, not read here: a daemon killed before the line
     # above ran would leave us adopted by init, and getppid() would then name init.
@@ -95,7 +97,7 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
 
     pipeline = Pipeline(settings.database_url, current_settings,
                         batch_size=settings.pipeline.batch_size, hooks=default_hooks(),
-                        part=part)
+                        part=part, intake=intake)
     done = threading.Event()
 
     def relay_wake() -> None:
@@ -122,7 +124,8 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
 
 class PipelineProcess:
     def __init__(self, config_path: Path, *, nice: int = 5, log_level: str = "info",
-                 log_json: bool | None = None, part: tuple[int, int] = (0, 1)) -> None:
+                 log_json: bool | None = None, part: tuple[int, int] = (0, 1),
+                 intake: IntakeSignal | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.wake = ctx.Event()
         self.stop_event = ctx.Event()
@@ -130,7 +133,7 @@ class PipelineProcess:
         self.process = ctx.Process(
             target=pipeline_main, name="router-pipeline",
             args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json,
-                  self.updates, os.getpid(), part))
+                  self.updates, os.getpid(), part, intake))
 
     def start(self) -> None:
         self.process.start()

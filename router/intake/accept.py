@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,27 +91,59 @@ def _locked(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
 
 
+class IntakeSignal:
+    """Shared memory from the daemon's intake to its pipeline workers: whether intake is
+    waiting for SQLite's write lock right now. A worker that sees it commits what it has and
+    lets intake in, so senders wait for one message's routing at most, not for a batch's.
+    Create it before the workers start (it is handed to them as they are spawned)."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._blocked = ctx.RawValue("i", 0)
+        self._commits = ctx.RawValue("q", 0)
+
+    def set_blocked(self, blocked: bool) -> None:
+        self._blocked.value = int(blocked)
+
+    def committed(self) -> None:
+        self._commits.value += 1  # only the intake writer thread writes it
+
+    def blocked(self) -> bool:
+        return bool(self._blocked.value)
+
+    def commits(self) -> int:
+        return int(self._commits.value)
+
+
 def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
-               lock_wait: float = 10.0) -> None:
+               lock_wait: float = 10.0, signal: IntakeSignal | None = None) -> None:
     """Commit the rows or raise StorageUnavailable.
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
     tenth of a second on every sender waiting in this batch whenever the pipeline holds the
     write lock for a moment. Intake engines therefore fail fast on a held lock and retry here
-    in sub-millisecond steps."""
+    in sub-millisecond steps, and tell the pipeline workers (`signal`) that they wait."""
     deadline = time.monotonic() + lock_wait
     pause = 0.0002
-    while True:
-        try:
-            with engine.begin() as conn:
-                conn.execute(stmt, rows)
-            return
-        except Exception as exc:  # any failure to commit means "not accepted"
-            if _locked(exc) and time.monotonic() < deadline:
-                time.sleep(pause)
-                pause = min(pause * 1.5, 0.002)
-                continue
-            raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        while True:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(stmt, rows)
+                if signal is not None:
+                    signal.committed()
+                return
+            except Exception as exc:  # any failure to commit means "not accepted"
+                if _locked(exc) and time.monotonic() < deadline:
+                    if signal is not None:
+                        signal.set_blocked(True)
+                    time.sleep(pause)
+                    pause = min(pause * 1.5, 0.002)
+                    continue
+                raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if signal is not None:
+            signal.set_blocked(False)
 
 
 def intake_engine(url: str) -> Engine:
@@ -130,8 +163,10 @@ class Acceptor:
     """Group-committing writer shared by all connections of one process."""
 
     def __init__(self, engine: Engine, *, clock: Clock = system_clock, max_batch: int = 512,
-                 on_commit: Callable[[int], None] | None = None) -> None:
+                 on_commit: Callable[[int], None] | None = None,
+                 signal: IntakeSignal | None = None) -> None:
         self.engine = engine
+        self.signal = signal
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
@@ -168,7 +203,8 @@ class Acceptor:
     def _write(self, envs: list[Envelope]) -> None:
         # Header parsing and hashing run here, off the event loop's hot path.
         now = self.clock()
-        write_rows(self.engine, self._stmt, _merge_duplicates([_row(e, now) for e in envs]))
+        write_rows(self.engine, self._stmt, _merge_duplicates([_row(e, now) for e in envs]),
+                   signal=self.signal)
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
