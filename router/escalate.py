@@ -44,16 +44,18 @@ recomputes every open ticket's due time when the scheduler notices it (at start 
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import hashlib
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +63,7 @@ from zoneinfo import ZoneInfo
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
-from sqlalchemy import Connection, Engine, func, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -80,7 +82,7 @@ from router.models import (
     Ticket,
     TicketStatus,
 )
-from router.outbox import enqueue
+from router.outbox import enqueue_core
 from router.settings import PRIORITIES, EscalationStep, Problem, Settings, Team
 from router.wakeup import Wakeup
 
@@ -107,6 +109,36 @@ CONTEXT_KEYS = frozenset({
 
 T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
 T_ESC = Escalation.__table__  # type: ignore[attr-defined]
+T_EVENT = Event.__table__  # type: ignore[attr-defined]
+T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
+T_ARTICLE = Article.__table__  # type: ignore[attr-defined]
+
+# Statements the scheduler runs per ticket or per step, built once: building a statement
+# costs a good part of what running it does.
+_FIRED_KEYS = (select(Escalation.clock, Escalation.cycle, Escalation.step)
+               .where(Escalation.ticket_id == bindparam("ticket_id")))
+_BATCH_IDS = bindparam("ids", expanding=True)
+_BATCH_CLOCKS = select(SlaClock).where(col(SlaClock.ticket_id).in_(_BATCH_IDS))
+_BATCH_FIRED = (select(T_ESC.c.ticket_id, T_ESC.c.clock, T_ESC.c.cycle, T_ESC.c.step)
+                .where(T_ESC.c.ticket_id.in_(_BATCH_IDS)))
+_BATCH_CUSTOMERS = (select(T_CUSTOMER.c.id, T_CUSTOMER.c.name, T_CUSTOMER.c.email)
+                    .where(T_CUSTOMER.c.id.in_(_BATCH_IDS)))
+# The last customer message of each ticket.
+_BATCH_WORDS = (
+    select(T_ARTICLE.c.ticket_id, T_ARTICLE.c.body_text)
+    .where(T_ARTICLE.c.id.in_(
+        select(func.max(T_ARTICLE.c.id))
+        .where(T_ARTICLE.c.ticket_id.in_(bindparam("tickets", expanding=True)),
+               T_ARTICLE.c.kind == ArticleKind.IN)
+        .group_by(T_ARTICLE.c.ticket_id).scalar_subquery())))
+_INSERT_EVENT = insert(T_EVENT)
+# The ticket columns firing changes (`_fire`, `reschedule`).
+_FIRING_COLUMNS = frozenset({"priority", "team", "assignee", "updated_at", "next_due_at"})
+_UPDATE_FIRED_TICKET = (update(T_TICKET).where(T_TICKET.c.id == bindparam("ticket_id"))
+                        .values({c: bindparam(f"new_{c}") for c in sorted(_FIRING_COLUMNS)}))
+# Every key always given (None where unused), so each dialect compiles one statement.
+_INSERT_FIRED = {name: dialect.insert(T_ESC).on_conflict_do_nothing().returning(T_ESC.c.id)
+                 for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))}
 
 
 def _human(seconds: float) -> str:
@@ -146,8 +178,7 @@ FiredKeys = set[tuple[str, int, str]]
 
 
 def fired_keys(session: Session, ticket_id: int) -> FiredKeys:
-    rows = session.exec(select(Escalation.clock, Escalation.cycle, Escalation.step)
-                        .where(Escalation.ticket_id == ticket_id)).all()
+    rows = session.exec(_FIRED_KEYS, params={"ticket_id": ticket_id}).all()
     return {(c, n, s) for c, n, s in rows}
 
 
@@ -186,7 +217,10 @@ def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
         ticket.next_due_at = None
     else:
         for c in clocks.values():
-            c.deadline_at = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
+            deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
+            # Assigning an equal value would still make the flush inspect the clock.
+            if deadline != c.deadline_at:
+                c.deadline_at = deadline
             session.add(c)
         if fired is None:
             fired = fired_keys(session, ticket.id)
@@ -296,6 +330,17 @@ def template_problems(settings: Settings) -> list[Problem]:
     return out
 
 
+@lru_cache(maxsize=256)
+def _header(name: str, value: str | tuple[tuple[str, str], ...]) -> Any:
+    """A parsed header (addresses as (name, address) pairs), kept for the next mail: the
+    email package parses every header it is given, at more CPU than a step's SQL, and
+    senders, recipients and a tick's Date recur. Header objects are immutable."""
+    if isinstance(value, tuple):
+        return email.policy.default.header_factory(
+            name, [Address(display_name=n, addr_spec=a) for n, a in value])
+    return email.policy.default.header_factory(name, value)
+
+
 def _fallback_text(ctx: dict[str, Any]) -> str:
     lines = [f"Ticket {ctx['token']} \"{ctx['subject']}\" ({ctx['team']}) has waited "
              f"{ctx['waited']} for {ctx['clock_label']}.", ""]
@@ -354,6 +399,59 @@ class _Fired:
     fired_at: datetime
     mails: int = 0
     webhooks: list[int] = field(default_factory=list)
+
+
+def _write_ticket(session: Session, conn: Connection, ticket: Ticket) -> None:
+    """Write what firing changed on the ticket with Core and take it out of the session:
+    the unit of work for this one row costs several times the UPDATE. A ticket with other
+    changes is left to the session's flush."""
+    state = inspect(ticket)
+    if not state.modified or set(state.attrs.keys()) - state.unmodified - _FIRING_COLUMNS:
+        return
+    # All of them, changed or not: one statement to compile, and the row is ours (claimed
+    # FOR UPDATE, or under SQLite's write lock), so rewriting a value changes nothing.
+    conn.execute(_UPDATE_FIRED_TICKET, {"ticket_id": ticket.id, **{
+        f"new_{c}": getattr(ticket, c) for c in _FIRING_COLUMNS}})
+    session.expunge(ticket)
+
+
+class _Batch:
+    """What firing needs of the tickets one tick batch claimed, read with one query each
+    rather than a few per ticket. Customers and customer words are read when the first
+    notification needs them: a batch of breaches sends no mail."""
+
+    def __init__(self, session: Session, tickets: Sequence[Ticket]) -> None:
+        self._conn = session.connection()
+        self.tickets = tickets
+        ids = [t.id for t in tickets if t.id is not None]
+        self.clocks: dict[int, dict[str, SlaClock]] = {i: {} for i in ids}
+        for c in session.exec(_BATCH_CLOCKS, params={"ids": ids}).all():
+            self.clocks[c.ticket_id][c.clock] = c
+        self.fired: dict[int, FiredKeys] = {i: set() for i in ids}
+        for r in self._conn.execute(_BATCH_FIRED, {"ids": ids}):
+            self.fired[r.ticket_id].add((r.clock, r.cycle, r.step))
+        self._customers: dict[int, tuple[str, str]] | None = None
+        self._words: dict[int, str] = {}
+
+    def customer(self, customer_id: int) -> tuple[str, str] | None:
+        """(name, email) of a customer of the batch's tickets."""
+        if self._customers is None:
+            self._load_mail_context()
+            assert self._customers is not None
+        return self._customers.get(customer_id)
+
+    def words(self, ticket_id: int) -> str:
+        """The text of the ticket's last customer message; "" if there is none."""
+        if self._customers is None:
+            self._load_mail_context()
+        return self._words.get(ticket_id, "")
+
+    def _load_mail_context(self) -> None:
+        customers = {t.customer_id for t in self.tickets}
+        self._customers = {r.id: (r.name, r.email) for r in
+                           self._conn.execute(_BATCH_CUSTOMERS, {"ids": list(customers)})}
+        self._words = {tid: text or "" for tid, text in self._conn.execute(
+            _BATCH_WORDS, {"tickets": list(self.clocks)})}
 
 
 class EscalationScheduler:
@@ -542,14 +640,15 @@ class EscalationScheduler:
             if self.postgres:
                 q = q.with_for_update(skip_locked=True)
             tickets = session.exec(q).all()
+            batch = _Batch(session, tickets) if tickets else None
             for ticket in tickets:
-                assert ticket.id is not None
+                assert ticket.id is not None and batch is not None
                 batch_seen.add(ticket.id)
                 savepoint = session.begin_nested()
                 try:
                     # Flush once per ticket, not before each of its queries.
                     with session.no_autoflush:
-                        done = self._process(session, ticket, settings, now)
+                        done = self._process(session, batch, ticket, settings, now)
                     savepoint.commit()
                     fired.extend(done)
                 except _AlreadyFired as exc:
@@ -569,13 +668,17 @@ class EscalationScheduler:
             session.commit()
         return len(tickets)
 
-    def _process(self, session: Session, ticket: Ticket, settings: Settings,
+    def _process(self, session: Session, batch: _Batch, ticket: Ticket, settings: Settings,
                  now: datetime) -> list[_Fired]:
         assert ticket.id is not None
         out: list[_Fired] = []
         reassigned = False
-        clocks = sla.clocks(session, ticket.id)
-        fired = fired_keys(session, ticket.id)
+        # The ticket's writes go to this connection, past the session; asking the session
+        # for it also emits the ticket's SAVEPOINT, which the session would otherwise leave
+        # until its own first statement, after ours, out of reach of the rollback.
+        conn = session.connection()
+        clocks = batch.clocks[ticket.id]
+        fired = batch.fired[ticket.id]
         for _ in range(len(settings.team) + 1):
             team = settings.team_by_name(ticket.team)
             if team is None:
@@ -588,10 +691,11 @@ class EscalationScheduler:
                 fired.add((p.clock, p.cycle, p.key))
                 if reassigned and p.step is not None:
                     # Past already when the ticket reached this team: recorded, not fired.
-                    if self._record(session, ticket, team, p, now, "skipped", {}) is None:
+                    if self._record(conn, ticket, team, p, now, "skipped", {}) is None:
                         raise _AlreadyFired(p.key)
                     continue
-                out.append(self._fire(session, ticket, team, clocks, p, now, settings))
+                out.append(self._fire(session, conn, batch, ticket, team, clocks, p, now,
+                                      settings))
                 if ticket.team != team.name:
                     reassigned = moved = True
                     break
@@ -604,21 +708,24 @@ class EscalationScheduler:
                             due=when.isoformat())
             ticket.next_due_at = now + RETRY_BROKEN
             session.add(ticket)
+        _write_ticket(session, conn, ticket)
         return out
 
-    def _record(self, session: Session, ticket: Ticket, team: Team, p: Planned,
-                now: datetime, status: str, actions: dict[str, Any],
-                **webhook: Any) -> int | None:
+    def _record(self, conn: Connection, ticket: Ticket, team: Team, p: Planned,
+                now: datetime, status: str, actions: dict[str, Any], *,
+                webhook_url: str | None = None, webhook_status: str | None = None,
+                webhook_next_at: datetime | None = None) -> int | None:
         """Insert the fired-step row; None if it exists already (another instance fired it)."""
-        dialect = postgresql if self.postgres else sqlite
-        stmt = (dialect.insert(T_ESC).values(
-            ticket_id=ticket.id, clock=p.clock, cycle=p.cycle, step=p.key, team=team.name,
-            status=status, due_at=p.due_at, fired_at=now, actions=actions,
-            webhook_attempts=0, **webhook).on_conflict_do_nothing().returning(T_ESC.c.id))
-        return session.execute(stmt).scalar()
+        stmt = _INSERT_FIRED["postgresql" if self.postgres else "sqlite"]
+        row_id: int | None = conn.execute(stmt, {
+            "ticket_id": ticket.id, "clock": p.clock, "cycle": p.cycle, "step": p.key,
+            "team": team.name, "status": status, "due_at": p.due_at, "fired_at": now,
+            "actions": actions, "webhook_attempts": 0, "webhook_url": webhook_url,
+            "webhook_status": webhook_status, "webhook_next_at": webhook_next_at}).scalar()
+        return row_id
 
-    def _fire(self, session: Session, ticket: Ticket, team: Team,
-              clocks: dict[str, SlaClock], p: Planned, now: datetime,
+    def _fire(self, session: Session, conn: Connection, batch: _Batch, ticket: Ticket,
+              team: Team, clocks: dict[str, SlaClock], p: Planned, now: datetime,
               settings: Settings) -> _Fired:
         """Do what step `p` says and record it; raises _AlreadyFired (the caller rolls the
         ticket's savepoint back, mail included) if the unique index says it fired before."""
@@ -632,11 +739,12 @@ class EscalationScheduler:
         if p.step is None:
             c.breached = True
             session.add(c)
-            if self._record(session, ticket, team, p, now, "fired", actions) is None:
+            if self._record(conn, ticket, team, p, now, "fired", actions) is None:
                 raise _AlreadyFired(p.key)
-            session.add(Event(at=now, ticket_id=ticket.id, kind="sla_breached",
-                              data={"clock": p.clock, "cycle": p.cycle,
-                                    "target_s": p.offset_s, "due_at": p.due_at.isoformat()}))
+            conn.execute(_INSERT_EVENT, {
+                "at": now, "ticket_id": ticket.id, "kind": "sla_breached",
+                "data": {"clock": p.clock, "cycle": p.cycle, "target_s": p.offset_s,
+                         "due_at": p.due_at.isoformat()}})
             bound.info("sla breached", late_s=round(late, 3))
             return result
         step = p.step
@@ -659,19 +767,20 @@ class EscalationScheduler:
                 sla.team_changed(session, ticket, team, new_team, now)
                 ticket.team = new_team.name
                 ticket.assignee = None
-                session.add(Event(at=now, ticket_id=ticket.id, kind="reassigned",
-                                  data={"from": team.name, "to": new_team.name,
-                                        "by": f"escalation {p.key}"}))
+                conn.execute(_INSERT_EVENT, {
+                    "at": now, "ticket_id": ticket.id, "kind": "reassigned",
+                    "data": {"from": team.name, "to": new_team.name,
+                             "by": f"escalation {p.key}"}})
         ticket.updated_at = now
         session.add(ticket)
         if to:
-            ctx = self._context(session, settings, team, ticket, c, p, meter, now, late, done,
+            ctx = self._context(batch, settings, team, ticket, c, p, meter, now, late, done,
                                 to)
-            msg = self._message(settings, team, ticket, ctx, to)
-            row = enqueue(session, kind=KIND, msg=msg, ticket_id=ticket.id, customer_id=None,
-                          now=now, hostname=settings.smtp.hostname)
+            msg = self._message(settings, team, ticket, ctx, to, now)
             actions["notified"] = [a for _n, a in to]
-            actions["outbox_id"] = row.id
+            actions["outbox_id"] = enqueue_core(
+                conn, kind=KIND, msg=msg, ticket_id=ticket.id, customer_id=None,
+                now=now, hostname=settings.smtp.hostname)
             result.mails = 1
         values: dict[str, Any] = {}
         if step.webhook:
@@ -685,27 +794,26 @@ class EscalationScheduler:
                 "notified": [a for _n, a in to], "actions": done}
             values.update(webhook_url=step.webhook, webhook_status="pending",
                           webhook_next_at=now)
-        row_id = self._record(session, ticket, team, p, now, "fired", actions, **values)
+        row_id = self._record(conn, ticket, team, p, now, "fired", actions, **values)
         if row_id is None:
             raise _AlreadyFired(p.key)
         if step.webhook:
             result.webhooks.append(row_id)
-        session.add(Event(at=now, ticket_id=ticket.id, kind="escalation",
-                          data={"clock": p.clock, "cycle": p.cycle, "step": p.key,
-                                "due_at": p.due_at.isoformat(), "late_s": round(late, 3),
-                                "notified": [a for _n, a in to], "actions": done}))
+        conn.execute(_INSERT_EVENT, {
+            "at": now, "ticket_id": ticket.id, "kind": "escalation",
+            "data": {"clock": p.clock, "cycle": p.cycle, "step": p.key,
+                     "due_at": p.due_at.isoformat(), "late_s": round(late, 3),
+                     "notified": [a for _n, a in to], "actions": done}})
         bound.info("escalation fired", late_s=round(late, 3), notified=[a for _n, a in to],
                    actions=done)
         return result
 
-    def _context(self, session: Session, settings: Settings, team: Team, ticket: Ticket,
+    def _context(self, batch: _Batch, settings: Settings, team: Team, ticket: Ticket,
                  c: SlaClock, p: Planned, meter: sla.Meter, now: datetime, late: float,
                  done: list[str], to: list[tuple[str, str]]) -> dict[str, Any]:
-        customer = session.get(Customer, ticket.customer_id)
-        words = session.exec(
-            select(Article.body_text).where(Article.ticket_id == ticket.id)
-            .where(Article.kind == ArticleKind.IN).order_by(col(Article.id).desc()).limit(1)
-        ).first() or ""
+        assert ticket.id is not None
+        customer = batch.customer(ticket.customer_id)
+        words = batch.words(ticket.id)
         if len(words) > MAX_WORDS:
             words = words[:MAX_WORDS].rstrip() + " [...]"
         zone = ZoneInfo(team.timezone)
@@ -722,8 +830,8 @@ class EscalationScheduler:
             "token": settings.router.ticket_token.replace("{id}", str(ticket.id)),
             "subject": ticket.subject, "priority": ticket.priority, "status": ticket.status,
             "assignee": ticket.assignee or "",
-            "customer_name": customer.name if customer else "",
-            "customer_email": customer.email if customer else "",
+            "customer_name": customer[0] if customer else "",
+            "customer_email": customer[1] if customer else "",
             "clock": p.clock, "clock_label": label, "step": desc,
             "waited": _human((now - c.started_at).total_seconds()),
             "on_clock": _human(sla.elapsed(c, meter, now)),
@@ -738,7 +846,7 @@ class EscalationScheduler:
         }
 
     def _message(self, settings: Settings, team: Team, ticket: Ticket, ctx: dict[str, Any],
-                 to: list[tuple[str, str]]) -> EmailMessage:
+                 to: list[tuple[str, str]], now: datetime) -> EmailMessage:
         try:
             text = (_environment(settings.templates_dir)
                     .get_template(template_for(settings, team)).render(ctx))
@@ -748,16 +856,18 @@ class EscalationScheduler:
                             error=f"{type(exc).__name__}: {exc}")
             text = _fallback_text(ctx)
         msg = EmailMessage()
-        msg["From"] = Address(display_name=f"{team.label} escalations",
-                              addr_spec=ticket.address)
-        msg["To"] = [Address(display_name=n, addr_spec=a) for n, a in to]
+        msg["From"] = _header("From", ((f"{team.label} escalations", ticket.address),))
+        msg["To"] = _header("To", tuple(to))
         msg["Subject"] = (f"[Escalation] {ctx['token']} {ticket.subject} — waiting "
                           f"{ctx['waited']} for {ctx['clock_label']}")
         # RFC 3834: automatic mail; out-of-office robots must not answer it.
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-Auto-Response-Suppress"] = "All"
+        msg["Auto-Submitted"] = _header("Auto-Submitted", "auto-generated")
+        msg["X-Auto-Response-Suppress"] = _header("X-Auto-Response-Suppress", "All")
         msg["X-Router-Ticket"] = str(ticket.id)
         msg.set_content(text, cte="quoted-printable")
+        # What the outbox would add, in its order, but with the tick's Date parsed once.
+        msg["Message-ID"] = make_msgid(domain=settings.smtp.hostname)
+        msg["Date"] = _header("Date", format_datetime(now))
         return msg
 
     # -- webhooks -------------------------------------------------------------------------

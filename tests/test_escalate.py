@@ -288,6 +288,41 @@ def test_missed_steps_fire_late_at_the_next_start(desk: Desk) -> None:
     restarted.close()
 
 
+def test_a_step_another_instance_fired_leaves_no_second_mail(
+        desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Firing writes its mail before the fired-step row; when that row turns out to exist
+    (another instance fired the step unseen), the ticket's savepoint takes the mail back."""
+    tid = desk.mail()
+    desk.later(minutes=15)
+    first = desk.scheduler()
+    assert first.tick() == 1
+    first.close()
+    assert len(mails(desk)) == 1
+    # A scheduler that does not see the fired step (as if row locks had been bypassed) and
+    # finds the ticket due again.
+    from router import escalate
+
+    real = escalate._Batch.__init__
+
+    def blind(self: Any, session: Any, tickets: Any) -> None:
+        real(self, session, tickets)
+        for keys in self.fired.values():
+            keys.clear()
+
+    monkeypatch.setattr(escalate._Batch, "__init__", blind)
+    with Session(desk.store.engine) as s:
+        t = s.get(Ticket, tid)
+        assert t is not None
+        t.next_due_at = desk.clock()
+        s.add(t)
+        s.commit()
+    second = desk.scheduler()
+    assert second.tick() == 0
+    second.close()
+    assert len(mails(desk)) == 1
+    assert [e.step for e in fired(desk, tid)] == ["desk:after=15m"]
+
+
 def test_a_long_outage_fires_every_missed_step_once(desk: Desk) -> None:
     tid = desk.mail()
     desk.later(hours=5)
