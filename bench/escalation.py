@@ -241,7 +241,7 @@ def measure_lateness(directory: Path, url: str, seconds: float,
             accepted[0] = i
 
     async def main() -> None:
-        sched = EscalationScheduler(engine, lambda: settings, system_clock, max_sleep=1.0)
+        sched = EscalationScheduler(engine, lambda: settings, system_clock)
         stop = asyncio.Event()
         task = asyncio.create_task(sched.run(stop))
         loader = threading.Thread(target=load)

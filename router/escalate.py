@@ -459,14 +459,16 @@ class EscalationScheduler:
 
     `tick()` fires everything due now (sync; tests call it with a FakeClock). `run(stop)`
     ticks, then sleeps until the earliest due time, or `max_sleep` (other processes, such as
-    the pipeline workers, may set earlier due times that only the database tells us about),
-    or until `wake()`. `sleep` is awaited for those pauses: inject one that advances a
+    the pipeline workers and other instances, may set earlier due times that only the
+    database tells us about; asking it costs one index lookup, so a quarter second keeps a
+    step routed late by a lagging pipeline within that of its routing), or until `wake()`.
+    `sleep` is awaited for those pauses: inject one that advances a
     FakeClock to run hours of SLA time in milliseconds.
     """
 
     def __init__(self, engine: Engine, settings_provider: Callable[[], Settings],
                  clock: Clock = system_clock, *, sleep: Sleep = asyncio.sleep,
-                 batch: int = 100, max_sleep: float = 1.0,
+                 batch: int = 100, max_sleep: float = 0.25,
                  on_fired: Callable[[], None] | None = None,
                  webhook_timeout: float = 5.0) -> None:
         self.engine = engine

@@ -107,13 +107,21 @@ def enqueue_core(conn: Connection, *, kind: str, msg: EmailMessage, ticket_id: i
     """`enqueue` on a Core connection (e.g. `session.connection()`): the same rows, written
     at once rather than at the session's next flush, and no ORM unit of work, which costs
     more than the inserts themselves. Returns the outbox row's id."""
+    return enqueue_row(conn, kind=kind, msg=msg, ticket_id=ticket_id, customer_id=customer_id,
+                       now=now, hostname=hostname)[0]
+
+
+def enqueue_row(conn: Connection, *, kind: str, msg: EmailMessage, ticket_id: int | None,
+                customer_id: int | None, now: datetime, hostname: str
+                ) -> tuple[int, dict[str, Any]]:
+    """`enqueue_core`, returning the row's id and its values (Message-ID, recipients ...)."""
     values = _outbox_values(kind=kind, msg=msg, ticket_id=ticket_id, customer_id=customer_id,
                             now=now, hostname=hostname)
     row_id: int = conn.execute(_INSERT_OUTBOX, values).scalar_one()
     if ticket_id is not None:
         conn.execute(_INSERT_THREAD_KEY, {"message_id": values["message_id"],
                                           "ticket_id": ticket_id})
-    return row_id
+    return row_id, values
 
 
 # ---------------------------------------------------------------------------- sending
