@@ -13,8 +13,10 @@ steps fire while mail is coming in.
    the `ticket.next_due_at` index, never the open tickets.
 2. *Lateness under load.* A real clock and `EscalationScheduler.run()` on an event loop,
    while a thread accepts mail as fast as `accept_sync` commits it (each a new ticket, one
-   transaction per message, as the pipe channel does) and a pipeline worker process routes
-   it with every hook, as `router serve` runs it. Every ticket has a step 2s after arrival.
+   transaction per message, as the pipe channel does) and pipeline worker processes route
+   it with every hook, as `router serve` runs them (`--workers`, default 2). Every ticket
+   has a step `--after` (default 2s) after its arrival: shorter than routing takes under
+   heavy load, on purpose, so the pipeline's lag shows.
    Printed: lateness of each fired step (fired_at - due_at) and the pipeline's lag
    (processed - received), which a step inherits when routing is slower than the step's
    delay, and the scheduler's own lateness, fired_at - max(due_at, routed_at). `--rate`
@@ -214,16 +216,19 @@ def _pending(engine: Engine) -> int:
 
 
 def measure_lateness(directory: Path, url: str, seconds: float,
-                     rate: float | None = None) -> dict[str, Any]:
+                     rate: float | None = None, workers: int = 2,
+                     after: str = "2s") -> dict[str, Any]:
     fresh_database(url)
-    settings = make_settings(directory, url, "2s")
+    settings = make_settings(directory, url, after)
     engine = db.make_engine(url)
     acceptor_engine = intake_engine(url)
     # The pipeline runs as `router serve` runs it: its own process, all hooks, niced.
-    worker = PipelineProcess(directory / "router.toml", nice=settings.pipeline.nice,
-                             log_level="warning", log_json=True)
-    worker.start()
-    worker.update(settings)
+    pool = [PipelineProcess(directory / "router.toml", nice=settings.pipeline.nice,
+                            log_level="warning", log_json=True, part=(i, workers))
+            for i in range(workers)]
+    for worker in pool:
+        worker.start()
+        worker.update(settings)
     stop_load = threading.Event()
     accepted = [0]
 
@@ -236,7 +241,8 @@ def measure_lateness(directory: Path, url: str, seconds: float,
                 continue
             accept_sync(acceptor_engine, Envelope("smtp", f"c{i}@example.org",
                                                   ["desk@bench.example"], _mail(i)))
-            worker.notify()
+            for worker in pool:
+                worker.notify()
             i += 1
             accepted[0] = i
 
@@ -252,7 +258,9 @@ def measure_lateness(directory: Path, url: str, seconds: float,
         deadline = time.monotonic() + 300
         while await asyncio.to_thread(_pending, engine) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        await asyncio.sleep(3.5)        # the last tickets' 2s steps
+        # The last tickets' steps.
+        await asyncio.sleep(settings.team[0].escalation[0].offset(
+            settings.team[0].sla).total_seconds() + 1.5)
         stop.set()
         await task
         sched.close()
@@ -264,7 +272,8 @@ def measure_lateness(directory: Path, url: str, seconds: float,
         asyncio.run(main())
     finally:
         sys.setswitchinterval(previous)
-    worker.stop()
+    for worker in pool:
+        worker.stop()
     with engine.connect() as conn:
         rows = conn.execute(
             select(T_ESC.c.fired_at, T_ESC.c.due_at, T_INBOUND.c.processed_at)
@@ -310,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=None,
                    help="cap intake at this many mails/s (default: as fast as it commits)")
     p.add_argument("--skip-ticks", action="store_true", help="only the lateness part")
+    p.add_argument("--after", default="2s", help="the ladder step's delay, e.g. 2s, 10s")
+    p.add_argument("--workers", type=int, default=2,
+                   help="pipeline worker processes in the lateness part (as router.toml's)")
     p.add_argument("--pg", help="PostgreSQL URL of a scratch database (it is emptied)")
     p.add_argument("--dir", help="where to put the SQLite files (default: a temp dir)")
     p.add_argument("--small", action="store_true", help="tiny numbers, to check it runs")
@@ -340,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         out(f"  tick ratio {args.tickets}/{args.baseline} open tickets: {ratio:.2f}")
         report["ticks"] = rows
         report["tick_ratio"] = round(ratio, 2)
-    lat = measure_lateness(base / "load", url("load"), args.load_seconds, args.rate)
+    lat = measure_lateness(base / "load", url("load"), args.load_seconds, args.rate,
+                           args.workers, args.after)
     report["lateness"] = lat
     out(f"lateness under load ({lat['accepted_per_s']} mails/s accepted for "
-        f"{lat['load_seconds']} s, each a new ticket with a step 2s after arrival):")
+        f"{lat['load_seconds']} s, each a new ticket with a step {args.after} after arrival):")
     out(f"  {lat['steps_fired']} steps fired, {lat['within_1s']} within 1 s of due; lateness "
         f"p50 {lat['late_p50_s']} s, p99 {lat['late_p99_s']} s, max {lat['late_max_s']} s")
     out(f"  pipeline lag p50 {lat['pipeline_lag_p50_s']} s, p99 {lat['pipeline_lag_p99_s']} s")

@@ -36,7 +36,8 @@ from router.intake.accept import _row as inbound_row  # noqa: E402
 from router.pipeline import Pipeline  # noqa: E402
 
 
-def run(n: int, seed: int, ack: bool, profile: bool, batch: int) -> None:
+def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
+        db_url: str | None = None) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
@@ -46,8 +47,13 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int) -> None:
         if ack:
             text = text.replace("[ack]\nenabled = false", "[ack]\nenabled = true")
         cfg.write_text(text)
+        if db_url:
+            text = text.replace(f'url = "sqlite:///{db}"', f'url = "{db_url}"')
+        cfg.write_text(text)
         settings = config.load(cfg)
         url = settings.database_url
+        if db_url:
+            _empty(url)
         upgrade(url)
         engine = intake_engine(url)
         stmt = insert_statement(engine)
@@ -75,6 +81,15 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int) -> None:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
+def _empty(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("drop schema public cascade; create schema public"))
+    engine.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--messages", type=int, default=2000)
@@ -82,8 +97,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ack", action="store_true", help="acknowledgements on (outbox rows)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--db", help="a scratch database URL instead of a temporary SQLite file "
+                    "(PostgreSQL: it is emptied first)")
     args = ap.parse_args()
-    run(args.messages, args.seed, args.ack, args.profile, args.batch)
+    run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db)
 
 
 if __name__ == "__main__":
