@@ -1,13 +1,17 @@
 """Everything after acceptance: parse → thread → classify → route, from the stored message.
 
-The worker reads a batch of new inbound rows, parses them outside any write transaction
-(parsing is the expensive part), then handles the batch in one short write transaction with a
-savepoint per message. A message whose handling raises is *parked* with its traceback and the
-rest of the batch commits; nothing is dropped, nothing blocks. A crash anywhere rolls the
-batch back to "new", so a restart processes it again from the stored bytes.
+The worker reads a batch of new inbound rows and, outside any write transaction, parses them
+and classifies those that look like new tickets (the expensive part). It then handles the
+batch in short write transactions with a savepoint per message. A message whose handling
+raises is *parked* with its traceback and the rest of the batch commits; nothing is dropped,
+nothing blocks. A crash rolls the open transaction back to "new", so a restart processes
+those messages again from the stored bytes.
 
 On PostgreSQL the batch is claimed with ``FOR UPDATE SKIP LOCKED`` so several daemon
-instances share the work; on SQLite the write transaction begins IMMEDIATE.
+instances share the work, in one transaction. On SQLite the write transaction begins
+IMMEDIATE and ends early when the daemon's intake waits for the lock (`IntakeSignal`).
+Several workers of one instance split the messages by id (`part`); a reply whose original is
+still new waits for it (`ParentPending`), so it threads rather than opening a ticket.
 """
 
 from __future__ import annotations
@@ -193,8 +197,8 @@ class Pipeline:
         cols = [c for c in INBOUND.c if c.name != "raw"]
         done_before = self.processed + self.parked
         while ids:
-            # The write lock is held for one slice of time at most, so intake's commits
-            # (and the senders' 250s) wait for a slice, not for a whole batch.
+            # On SQLite the write lock is given up as soon as intake waits for it (or after
+            # one slice of time), so senders' 250s wait for one message, not for a batch.
             with self.write_engine.begin() as conn:
                 query = (select(*cols).where(INBOUND.c.id.in_(ids))
                          .where(INBOUND.c.status == InboundStatus.NEW)
