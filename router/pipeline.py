@@ -85,8 +85,12 @@ class Handled:
         return cast("T | None", self._rows[key])
 
     def finish(self) -> None:
+        """The hooks are done: flush their rows and release the session's savepoint."""
         if self._session is not None:
             self._session.commit()
+
+    def close(self) -> None:
+        if self._session is not None:
             self._session.close()
             self._session = None
 
@@ -353,8 +357,7 @@ class Pipeline:
                 hook(conn, handled)
             handled.finish()
         finally:
-            if handled._session is not None:
-                handled._session.close()
+            handled.close()
         return handled
 
     # ------------------------------------------------------------------ the loop
