@@ -37,7 +37,7 @@ from router.pipeline import Pipeline  # noqa: E402
 
 
 def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
-        db_url: str | None = None) -> None:
+        db_url: str | None = None, profile_out: str | None = None) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
@@ -78,6 +78,8 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
         print(f"{done} messages routed in {wall:.2f} s: {done / wall:.1f} msg/s, "
               f"{cpu / done * 1000:.2f} ms CPU per message (parked {pipe.parked})")
         if prof:
+            if profile_out:
+                prof.dump_stats(profile_out)
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
@@ -97,10 +99,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ack", action="store_true", help="acknowledgements on (outbox rows)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-out", metavar="FILE",
+                    help="with --profile: also save the pstats data to FILE")
     ap.add_argument("--db", help="a scratch database URL instead of a temporary SQLite file "
                     "(PostgreSQL: it is emptied first)")
     args = ap.parse_args()
-    run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db)
+    run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db,
+        args.profile_out)
 
 
 if __name__ == "__main__":

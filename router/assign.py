@@ -27,11 +27,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, func
+from sqlalchemy import Connection, func, insert
 from sqlmodel import Session, col, select
 
 from router import log
-from router.models import Event, Ticket, TicketStatus
+from router.models import T_EVENT, Event, Ticket, TicketStatus
 from router.settings import Team
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ OPEN_STATUSES = (TicketStatus.NEW, TicketStatus.OPEN, TicketStatus.PENDING)
 ROUND_ROBIN_MEMORY = timedelta(days=30)
 
 _log = log.get("router.assign")
+_INS_EVENT = insert(T_EVENT)
 
 
 def candidates(team: Team) -> list[str]:
@@ -102,18 +103,18 @@ def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> s
         if chosen is not None:
             ticket.assignee = chosen
             session.add(ticket)
-            session.add(Event(at=now, ticket_id=ticket.id, kind="assigned",
-                              data={"by": "router", "assignee": chosen, "previous": None,
-                                    "policy": policy, "team": team.name,
-                                    "open": load[chosen]}))
+            session.connection().execute(_INS_EVENT, {
+                "at": now, "ticket_id": ticket.id, "kind": "assigned",
+                "data": {"by": "router", "assignee": chosen, "previous": None,
+                         "policy": policy, "team": team.name, "open": load[chosen]}})
             _log.info("ticket assigned", ticket=ticket.id, team=team.name, assignee=chosen,
                       policy=policy, open=load[chosen])
             return chosen
         reason = (f"all {len(people)} members of team {team.name} are at the cap of "
                   f"{team.max_open_per_agent} open tickets")
-    session.add(Event(at=now, ticket_id=ticket.id, kind="assignment_skipped",
-                      data={"policy": policy, "team": team.name, "reason": reason,
-                            "load": load}))
+    session.connection().execute(_INS_EVENT, {
+        "at": now, "ticket_id": ticket.id, "kind": "assignment_skipped",
+        "data": {"policy": policy, "team": team.name, "reason": reason, "load": load}})
     _log.info("assignment skipped", ticket=ticket.id, team=team.name, policy=policy,
               reason=reason)
     return None

@@ -34,7 +34,7 @@ from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
 from router.intake.accept import IntakeSignal
 from router.mail import ParsedMail, normalize_address, parse
-from router.models import Customer, Event, Inbound, InboundStatus
+from router.models import Article, Customer, Event, Inbound, InboundStatus, Ticket, loaded
 from router.route import CustomerRef, customer_for, find_thread, open_ticket, thread_onto
 from router.rules import Context
 from router.rules.alerts import send_alerts
@@ -64,6 +64,14 @@ class Handled:
     conn: Connection | None = None
     _session: Session | None = None
     _rows: dict[tuple[type, int], Any] = field(default_factory=dict)
+    _detached: list[Any] = field(default_factory=list)
+
+    def know(self, model: type[T], values: dict[str, Any]) -> None:
+        """Routing just wrote (or read back) this row: hooks get it from `values` rather than
+        by a query. It joins the session, unchanged, when a hook first asks for it."""
+        obj = loaded(model, values)
+        self._rows[(model, values["id"])] = obj
+        self._detached.append(obj)
 
     def session(self) -> Session:
         """One ORM session for every hook of this message, on the routing connection: the
@@ -80,6 +88,11 @@ class Handled:
         """`session().get`, but held here: the session's identity map is weak, and a row no
         hook changed would otherwise be loaded again by the next hook."""
         key = (model, ident)
+        if self._detached:
+            session = self.session()
+            for obj in self._detached:
+                session.add(obj)
+            self._detached.clear()
         if key not in self._rows:
             self._rows[key] = self.session().get(model, ident)
         return cast("T | None", self._rows[key])
@@ -313,9 +326,9 @@ class Pipeline:
         if match is None:
             _check_parents(conn, parsed, inbound.id)
         if match is not None:
-            article_id = thread_onto(conn, match, parsed=parsed, inbound=inbound,
-                                     config_version=version, now=at)
-            ticket_id, new = match.ticket_id, False
+            written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
+                                  config_version=version, now=at)
+            new = False
         else:
             row = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes)
                                .where(CUSTOMER.c.id == customer.id)).one()
@@ -342,16 +355,21 @@ class Pipeline:
             if language and not customer.language:
                 conn.execute(update(CUSTOMER).where(CUSTOMER.c.id == customer.id)
                              .values(language=language))
-                customer.language = language
-            ticket_id, article_id = open_ticket(
+                customer.language = customer.row["language"] = language
+            written = open_ticket(
                 conn, decision=decision, customer=customer, parsed=parsed, inbound=inbound,
                 language=language, config_version=version, now=at)
-            send_alerts(conn, settings, decision, ticket_id, parsed, at)
+            send_alerts(conn, settings, decision, written.ticket_id, parsed, at)
             new = True
+        ticket_id = written.ticket_id
         conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
             status=InboundStatus.DONE, ticket_id=ticket_id, processed_at=self.clock()))
-        handled = Handled(inbound, parsed, ticket_id, article_id, customer, new, settings, at,
-                          decision if new else None, conn)
+        handled = Handled(inbound, parsed, ticket_id, written.article_id, customer, new,
+                          settings, at, decision if new else None, conn)
+        handled.know(Ticket, written.ticket)
+        handled.know(Article, written.article)
+        if customer.row:
+            handled.know(Customer, customer.row)
         try:
             for hook in self.hooks:
                 hook(conn, handled)

@@ -14,7 +14,7 @@ costs 5–15× per row here (PERF-NOTES), and a message touches about ten rows.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -49,12 +49,13 @@ T_THREAD = ThreadKey.__table__  # type: ignore[attr-defined]
 T_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 
 # Built once: constructing a statement per call costs more than executing it.
+_SEL_TICKET = select(T_TICKET).where(T_TICKET.c.id == bindparam("tid"))
 _SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
     T_TICKET.c.id == bindparam("tid"))
-_SEL_CUSTOMER = select(T_CUSTOMER.c.id, T_CUSTOMER.c.name, T_CUSTOMER.c.language).where(
-    T_CUSTOMER.c.email == bindparam("email"))
+# The whole row: the hooks after routing get the customer from it without loading it again.
+_SEL_CUSTOMER = select(*T_CUSTOMER.c).where(T_CUSTOMER.c.email == bindparam("email"))
 _UPD_CUSTOMER = update(T_CUSTOMER).where(T_CUSTOMER.c.id == bindparam("cid")).values(
-    last_seen_at=bindparam("last_seen_at"), name=bindparam("name"))
+    last_seen_at=bindparam("last_seen_at"), name=bindparam("name")).returning(*T_CUSTOMER.c)
 _INS_TICKET = insert(T_TICKET).returning(T_TICKET.c.id)
 _INS_ARTICLE = insert(T_ARTICLE).returning(T_ARTICLE.c.id)
 _INS_ATTACH = insert(T_ATTACH)
@@ -110,6 +111,7 @@ class CustomerRef:
     email: str
     name: str
     language: str | None
+    row: dict[str, Any] = field(default_factory=dict)  # every column, as now written
 
 
 def customer_for(conn: Connection, email: str, name: str, now: datetime) -> CustomerRef:
@@ -118,15 +120,17 @@ def customer_for(conn: Connection, email: str, name: str, now: datetime) -> Cust
     if row is None:
         # Another instance may create the same customer at the same moment (PostgreSQL):
         # the unique email decides, and whoever lost reads the winner's row.
-        cid = conn.execute(_insert_ignore(conn, T_CUSTOMER).returning(T_CUSTOMER.c.id), {
+        values: dict[str, Any] = {
             "email": email, "name": name, "language": None, "vip": False, "created_at": now,
-            "last_seen_at": now, "attributes": {}}).scalar()
+            "last_seen_at": now, "attributes": {}}
+        cid = conn.execute(_insert_ignore(conn, T_CUSTOMER).returning(T_CUSTOMER.c.id),
+                           values).scalar()
         if cid is not None:
-            return CustomerRef(cid, email, name, None)
+            return CustomerRef(cid, email, name, None, {**values, "id": cid})
         row = conn.execute(_SEL_CUSTOMER, {"email": email}).one()
-    conn.execute(_UPD_CUSTOMER, {"cid": row.id, "last_seen_at": now,
-                                 "name": row.name or name})
-    return CustomerRef(row.id, email, row.name or name, row.language)
+    fresh = conn.execute(_UPD_CUSTOMER, {"cid": row.id, "last_seen_at": now,
+                                         "name": row.name or name}).one()
+    return CustomerRef(fresh.id, email, fresh.name, fresh.language, dict(fresh._mapping))
 
 
 def _insert_ignore(conn: Connection, table: Any) -> Any:
@@ -134,16 +138,30 @@ def _insert_ignore(conn: Connection, table: Any) -> Any:
     return dialect.insert(table).on_conflict_do_nothing()
 
 
+@dataclass
+class Written:
+    """What routing wrote: the rows' ids and every column of the ticket and the article, so
+    the hooks that follow need not read them back."""
+
+    ticket_id: int
+    article_id: int
+    ticket: dict[str, Any]
+    article: dict[str, Any]
+
+
 def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMail,
-                now: datetime) -> int:
-    article_id: int = conn.execute(_INS_ARTICLE, {
+                now: datetime) -> dict[str, Any]:
+    """Store the message as an article of the ticket; returns the article's row."""
+    values: dict[str, Any] = {
         "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": ArticleKind.IN,
         "automatic": False, "message_id": parsed.message_id,
         "sender": parsed.sender_email or inbound.mail_from, "sender_name": parsed.sender_name,
         "recipients": [a for _, a in parsed.to] + [a for _, a in parsed.cc],
         "subject": parsed.subject, "body_text": parsed.text, "body_html": parsed.html,
         "author": None, "malformed": parsed.malformed, "defects": parsed.defects[:50],
-        "created_at": now}).scalar_one()
+        "created_at": now}
+    article_id: int = conn.execute(_INS_ARTICLE, values).scalar_one()
+    values["id"] = article_id
     if parsed.attachments:
         conn.execute(_INS_ATTACH, [
             {"article_id": article_id, "filename": a.filename, "content_type": a.content_type,
@@ -152,21 +170,24 @@ def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMa
     if parsed.message_id:
         conn.execute(_insert_ignore(conn, T_THREAD),
                      {"message_id": parsed.message_id, "ticket_id": ticket_id})
-    return article_id
+    return values
 
 
 def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
                 parsed: ParsedMail, inbound: Any, language: str | None,
-                config_version: str | None, now: datetime) -> tuple[int, int]:
-    ticket_id: int = conn.execute(_INS_TICKET, {
+                config_version: str | None, now: datetime) -> Written:
+    ticket: dict[str, Any] = {
         "team": decision.team, "status": TicketStatus.NEW, "priority": decision.priority,
         "subject": parsed.subject or "(no subject)", "customer_id": customer.id,
         "address": decision.address, "tag": decision.tag, "language": language,
         "assignee": None, "created_at": now, "updated_at": now, "last_customer_at": now,
-        "reopened": 0, "config_version": config_version, "tags": list(decision.tags),
+        "first_response_at": None, "solved_at": None, "reopened": 0, "promised_at": None,
+        "promise_basis": None, "promise_kept": None, "next_due_at": None,
+        "config_version": config_version, "tags": list(decision.tags),
         "campaign": decision.campaign.campaign.name if decision.campaign else None}
-    ).scalar_one()
-    article_id = add_article(conn, ticket_id, inbound, parsed, now)
+    ticket_id: int = conn.execute(_INS_TICKET, ticket).scalar_one()
+    ticket["id"] = ticket_id
+    article = add_article(conn, ticket_id, inbound, parsed, now)
     conn.execute(_INS_DECISION, {
         "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": "route",
         "team": decision.team, "priority": decision.priority, "address": decision.address,
@@ -177,20 +198,22 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
         "data": {"team": decision.team, "address": decision.address, "tag": decision.tag,
                  "inbound_id": inbound.id, "priority": decision.priority,
                  "tags": list(decision.tags), "routed_by": decision.routed_by}})
-    return ticket_id, article_id
+    return Written(ticket_id, article["id"], ticket, article)
 
 
 def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inbound: Any,
-                config_version: str | None, now: datetime) -> int:
-    ticket = conn.execute(select(T_TICKET).where(T_TICKET.c.id == match.ticket_id)).one()
-    article_id = add_article(conn, ticket.id, inbound, parsed, now)
+                config_version: str | None, now: datetime) -> Written:
+    ticket = conn.execute(_SEL_TICKET, {"tid": match.ticket_id}).one()
+    article = add_article(conn, ticket.id, inbound, parsed, now)
     reopened = ticket.status in (TicketStatus.SOLVED, TicketStatus.CLOSED)
     values: dict[str, Any] = {"updated_at": now, "last_customer_at": now}
     if reopened:
         values.update(reopened=ticket.reopened + 1, solved_at=None)
     if ticket.status != TicketStatus.NEW:
         values["status"] = TicketStatus.OPEN
-    conn.execute(update(T_TICKET).where(T_TICKET.c.id == ticket.id).values(**values))
+    # The row as this update left it: what the hooks after routing read.
+    fresh = conn.execute(update(T_TICKET).where(T_TICKET.c.id == ticket.id).values(**values)
+                         .returning(*T_TICKET.c)).one()
     conn.execute(_INS_DECISION, {
         "ticket_id": ticket.id, "inbound_id": inbound.id, "kind": "thread",
         "team": ticket.team, "priority": ticket.priority, "address": ticket.address,
@@ -203,4 +226,4 @@ def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inb
         "kind": "reopened" if reopened else "customer_reply",
         "data": {"inbound_id": inbound.id, "by": match.key,
                  "previous_status": ticket.status}})
-    return article_id
+    return Written(ticket.id, article["id"], dict(fresh._mapping), article)

@@ -36,16 +36,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import insert
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from router import log
 from router.calendar import BusinessCalendar
-from router.models import SlaClock, Ticket, TicketStatus
+from router.models import T_SLA_CLOCK, SlaClock, Ticket, TicketStatus, loaded
 from router.settings import SLA_CLOCKS, Team
 
 FIRST_RESPONSE, NEXT_RESPONSE, RESOLUTION = SLA_CLOCKS
 RUNNING_STATUSES = frozenset({TicketStatus.NEW, TicketStatus.OPEN})
 STOPPED_STATUSES = frozenset({TicketStatus.SOLVED, TicketStatus.CLOSED})
+_INS_CLOCK = insert(T_SLA_CLOCK)
+_CLOCK_COLUMNS = tuple(T_SLA_CLOCK.c.keys())
 
 
 class Meter:
@@ -168,10 +172,16 @@ def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
 
 
 def _new(session: Session, ticket_id: int, clock: str, team: Team, now: datetime,
-         cycle: int = 0) -> SlaClock:
-    c = SlaClock(ticket_id=ticket_id, clock=clock, cycle=cycle, started_at=now,
-                 running_since=now, elapsed=0.0)
-    refresh_deadline(c, team)
+         cycle: int = 0, *, running: bool = True) -> SlaClock:
+    """A new clock, running from `now` or paused; written at once with Core (every new
+    ticket makes two: the unit of work costs more than the rows), and put in `session`."""
+    c = loaded(SlaClock, {"ticket_id": ticket_id, "clock": clock, "cycle": cycle,
+                          "started_at": now, "running_since": now if running else None,
+                          "elapsed": 0.0, "deadline_at": None, "stopped_at": None,
+                          "breached": False})
+    set_committed_value(c, "deadline_at", due_at(c, meter_for(team),
+                                                 target_seconds(team, clock)))
+    session.connection().execute(_INS_CLOCK, {k: c.__dict__[k] for k in _CLOCK_COLUMNS})
     session.add(c)
     return c
 
@@ -196,10 +206,10 @@ def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
     have = dict(clocks(session, ticket.id) if have is None else have)
     for name in (FIRST_RESPONSE, RESOLUTION):
         if name not in have:
-            c = _new(session, ticket.id, name, team, now)
-            if ticket.status not in RUNNING_STATUSES:
-                _pause(c, team, now)
-            have[name] = c
+            # A clock that starts paused has counted nothing: pausing it at once would
+            # leave it as it starts here.
+            have[name] = _new(session, ticket.id, name, team, now,
+                              running=ticket.status in RUNNING_STATUSES)
     return have
 
 
