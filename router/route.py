@@ -16,49 +16,34 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, case, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from router.classify import Decision
 from router.mail import ParsedMail
 from router.models import (
-    Article,
+    T_ARTICLE,
+    T_ATTACHMENT,
+    T_CUSTOMER,
+    T_DECISION,
+    T_EVENT,
+    T_THREAD_KEY,
+    T_TICKET,
     ArticleKind,
-    Attachment,
-    Customer,
-    Event,
-    Inbound,
-    ThreadKey,
-    Ticket,
     TicketStatus,
 )
-from router.models import (
-    Decision as DecisionRow,
-)
 from router.settings import Settings
-
-T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
-T_ARTICLE = Article.__table__  # type: ignore[attr-defined]
-T_ATTACH = Attachment.__table__  # type: ignore[attr-defined]
-T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
-T_DECISION = DecisionRow.__table__  # type: ignore[attr-defined]
-T_EVENT = Event.__table__  # type: ignore[attr-defined]
-T_THREAD = ThreadKey.__table__  # type: ignore[attr-defined]
-T_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 
 # Built once: constructing a statement per call costs more than executing it.
 _SEL_TICKET = select(T_TICKET).where(T_TICKET.c.id == bindparam("tid"))
 _SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
     T_TICKET.c.id == bindparam("tid"))
-# The whole row: the hooks after routing get the customer from it without loading it again.
-_SEL_CUSTOMER = select(*T_CUSTOMER.c).where(T_CUSTOMER.c.email == bindparam("email"))
-_UPD_CUSTOMER = update(T_CUSTOMER).where(T_CUSTOMER.c.id == bindparam("cid")).values(
-    last_seen_at=bindparam("last_seen_at"), name=bindparam("name")).returning(*T_CUSTOMER.c)
 _INS_TICKET = insert(T_TICKET).returning(T_TICKET.c.id)
 _INS_ARTICLE = insert(T_ARTICLE).returning(T_ARTICLE.c.id)
-_INS_ATTACH = insert(T_ATTACH)
+_INS_ATTACH = insert(T_ATTACHMENT)
 _INS_DECISION = insert(T_DECISION)
 _INS_EVENT = insert(T_EVENT)
 
@@ -96,9 +81,9 @@ def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> Thr
     if not keyed:
         return None
     found = {r.message_id: r for r in conn.execute(
-        select(T_THREAD.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
-        .join(T_TICKET, T_TICKET.c.id == T_THREAD.c.ticket_id)
-        .where(T_THREAD.c.message_id.in_([mid for _, mid in keyed])))}
+        select(T_THREAD_KEY.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
+        .join(T_TICKET, T_TICKET.c.id == T_THREAD_KEY.c.ticket_id)
+        .where(T_THREAD_KEY.c.message_id.in_([mid for _, mid in keyed])))}
     for key, mid in keyed:
         if mid in found:
             return ThreadMatch(found[mid].id, found[mid].status, key, mid)
@@ -115,22 +100,26 @@ class CustomerRef:
 
 
 def customer_for(conn: Connection, email: str, name: str, now: datetime) -> CustomerRef:
-    """One customer record per mail address, whichever role address or channel it used."""
-    row = conn.execute(_SEL_CUSTOMER, {"email": email}).first()
-    if row is None:
-        # Another instance may create the same customer at the same moment (PostgreSQL):
-        # the unique email decides, and whoever lost reads the winner's row.
-        values: dict[str, Any] = {
-            "email": email, "name": name, "language": None, "vip": False, "created_at": now,
-            "last_seen_at": now, "attributes": {}}
-        cid = conn.execute(_insert_ignore(conn, T_CUSTOMER).returning(T_CUSTOMER.c.id),
-                           values).scalar()
-        if cid is not None:
-            return CustomerRef(cid, email, name, None, {**values, "id": cid})
-        row = conn.execute(_SEL_CUSTOMER, {"email": email}).one()
-    fresh = conn.execute(_UPD_CUSTOMER, {"cid": row.id, "last_seen_at": now,
-                                         "name": row.name or name}).one()
-    return CustomerRef(fresh.id, email, fresh.name, fresh.language, dict(fresh._mapping))
+    """One customer record per mail address, whichever role address or channel it used.
+    One upsert: atomic when two instances meet the same new customer (PostgreSQL), and
+    it returns the whole row."""
+    row = conn.execute(_upsert_customer(conn.dialect.name), {
+        "email": email, "name": name, "language": None, "vip": False, "created_at": now,
+        "last_seen_at": now, "attributes": {}}).one()
+    return CustomerRef(row.id, email, row.name, row.language, dict(row._mapping))
+
+
+@lru_cache(maxsize=4)
+def _upsert_customer(dialect_name: str) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    stmt = dialect.insert(T_CUSTOMER)
+    return stmt.on_conflict_do_update(
+        index_elements=[T_CUSTOMER.c.email],
+        # A name once known stays; the first one given fills an empty one.
+        set_={"last_seen_at": stmt.excluded.last_seen_at,
+              "name": case((T_CUSTOMER.c.name == "", stmt.excluded.name),
+                           else_=T_CUSTOMER.c.name)},
+    ).returning(*T_CUSTOMER.c)
 
 
 def _insert_ignore(conn: Connection, table: Any) -> Any:
@@ -168,7 +157,7 @@ def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMa
              "size": a.size, "sha256": a.sha256, "inline": a.inline, "data": a.data}
             for a in parsed.attachments])
     if parsed.message_id:
-        conn.execute(_insert_ignore(conn, T_THREAD),
+        conn.execute(_insert_ignore(conn, T_THREAD_KEY),
                      {"message_id": parsed.message_id, "ticket_id": ticket_id})
     return values
 
