@@ -78,6 +78,7 @@ templates = "{templates}"
 listen = "127.0.0.1:{port}"
 hostname = "bench.router"
 max_message_size = "25MB"
+processes = {processes}
 
 [database]
 url = "sqlite:///{db}"
@@ -333,7 +334,8 @@ def pipeline_done(db: Path) -> tuple[int, int]:
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = False,
-        nice: int = 19, workers: int = 1, client: str = "c") -> dict[str, object]:
+        nice: int = 19, workers: int = 1, client: str = "c",
+        processes: int = 1) -> dict[str, object]:
     messages = make_messages(n + warmup, seed)
     warm, main = messages[:warmup], messages[warmup:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -377,7 +379,8 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
         port = free_port()
         cfg = tmp / "router.toml"
         cfg.write_text(CONFIG.format(port=port, db=db, templates=REPO / "templates",
-                                     workers=0 if intake_only else workers, nice=nice)
+                                     workers=0 if intake_only else workers, nice=nice,
+                                     processes=processes)
                        + TEAMS)
         log = open(tmp / "router.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", str(cfg),
@@ -412,7 +415,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
                   before.latencies + after.latencies)
     pipeline_rate = routed.ok / pipeline_secs if pipeline_secs else 0.0
     report = {
-        "messages": n, "concurrency": concurrency, "seed": seed,
+        "messages": n, "concurrency": concurrency, "seed": seed, "intake_processes": processes,
         "client": "python" if binary is None else "c",
         "mean_size_bytes": int(statistics.mean(len(m[2]) for m in main)),
         "aiosmtpd": {"rate": round(base.rate, 1), "p50_ms": round(base.pct(0.5), 2),
@@ -442,13 +445,15 @@ def main() -> None:
                     help="the pipeline worker's CPU priority ([pipeline] nice)")
     ap.add_argument("--workers", type=int, default=1,
                     help="pipeline worker processes ([pipeline] workers)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="SMTP intake processes sharing the port ([smtp] processes)")
     ap.add_argument("--client", choices=["c", "python"], default="c",
                     help="load generator: bench/smtpload.c (built on demand; Python if no "
                     "compiler) or asyncio in this process")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     r = run(args.messages, args.concurrency, args.seed, args.warmup, args.intake_only,
-            args.nice, args.workers, args.client)
+            args.nice, args.workers, args.client, args.processes)
     if args.json:
         print(json.dumps(r, indent=2))
         return

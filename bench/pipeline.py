@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import multiprocessing
 import pstats
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text as sql_text
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,13 +41,13 @@ from router.pipeline import Pipeline  # noqa: E402
 
 
 def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
-        db_url: str | None = None, profile_out: str | None = None) -> None:
+        db_url: str | None = None, profile_out: str | None = None, workers: int = 1) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
         cfg = Path(tmp) / "router.toml"
         text = CONFIG.format(port=2525, db=db, templates=REPO / "templates", workers=1,
-                             nice=19) + TEAMS
+                             nice=19, processes=1) + TEAMS
         if ack:
             text = text.replace("[ack]\nenabled = false", "[ack]\nenabled = true")
         cfg.write_text(text)
@@ -64,6 +68,9 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
             write_rows(engine, stmt, rows[i:i + 500])
         engine.dispose()
 
+        if workers > 1:
+            _run_workers(url, settings, batch, workers, n)
+            return
         pipe = Pipeline(url, lambda: settings, batch_size=batch, hooks=default_hooks())
         pipe.warm_up()
         prof = cProfile.Profile() if profile else None
@@ -83,12 +90,56 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
+def _worker(url: str, settings: config.Settings, batch: int, part: tuple[int, int],
+            start: Any, done: Any) -> None:
+    pipe = Pipeline(url, lambda: settings, batch_size=batch, hooks=default_hooks(), part=part)
+    pipe.warm_up()
+    start.wait()
+    t0 = time.process_time()
+    # Until this worker's share is routed (a batch of replies waiting for the other worker's
+    # originals routes nothing, so an empty batch does not mean done).
+    while True:
+        if pipe.process_batch() == 0:
+            with pipe.read_engine.connect() as conn:
+                left = conn.execute(sql_text(
+                    "select count(*) from inbound where status = 'new' and id % :n = :k"),
+                    {"n": part[1], "k": part[0]}).scalar()
+            if not left:
+                break
+            time.sleep(0.001)
+    done.put((pipe.processed, pipe.parked, time.process_time() - t0))
+    pipe.close()
+
+
+def _run_workers(url: str, settings: config.Settings, batch: int, workers: int,
+                 n: int) -> None:
+    """The daemon's setup: `workers` processes, each its share of the messages by id."""
+    ctx = multiprocessing.get_context("fork")
+    start, done = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(url, settings, batch, (k, workers), start, done))
+             for k in range(workers)]
+    for p in procs:
+        p.start()
+    time.sleep(3)  # language and tone models loaded in every worker
+    t0 = time.perf_counter()
+    start.set()
+    results = [done.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    routed = sum(r[0] for r in results)
+    cpu = sum(r[2] for r in results)
+    print(f"{routed} messages routed by {workers} workers in {wall:.2f} s: "
+          f"{routed / wall:.1f} msg/s, {cpu / routed * 1000:.2f} ms CPU per message "
+          f"(parked {sum(r[1] for r in results)})")
+
+
 def _empty(url: str) -> None:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("drop schema public cascade; create schema public"))
+        conn.execute(sql_text("drop schema public cascade; create schema public"))
     engine.dispose()
 
 
@@ -98,6 +149,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ack", action="store_true", help="acknowledgements on (outbox rows)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="worker processes sharing the messages, as [pipeline] workers")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-out", metavar="FILE",
                     help="with --profile: also save the pstats data to FILE")
@@ -105,7 +158,7 @@ def main() -> None:
                     "(PostgreSQL: it is emptied first)")
     args = ap.parse_args()
     run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db,
-        args.profile_out)
+        args.profile_out, args.workers)
 
 
 if __name__ == "__main__":

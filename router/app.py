@@ -15,6 +15,7 @@ from router.clock import system_clock
 from router.escalate import EscalationScheduler
 from router.intake.accept import Acceptor, IntakeSignal, intake_engine
 from router.intake.imap import ImapManager
+from router.intake.process import IntakeProcess
 from router.intake.smtp import IntakeHandler, start_server
 from router.outbox import OutboxWorker
 from router.reload import Applied, Recorder, Reloader
@@ -66,7 +67,8 @@ class Daemon:
         reloader = Reloader(self.path, s, recorder=Recorder(url))
         self.settings = reloader.live.current()
 
-        signal_ = IntakeSignal()  # intake → workers: "I am waiting for the write lock"
+        # intake → workers: "I am waiting for the write lock"; a slot per intake process.
+        signal_ = IntakeSignal(s.smtp.processes)
         workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
                                    log_json=self.log_json, part=(i, s.pipeline.workers),
                                    intake=signal_)
@@ -75,10 +77,19 @@ class Daemon:
             w.start()
             w.update(self.settings)
 
+        # More intake processes on the SMTP port ([smtp] processes): started once this
+        # process listens, so a port that cannot be bound fails the daemon, not a child.
+        intakes = [IntakeProcess(self.path, index=i, signal_=signal_,
+                                 wakes=[w.wake for w in workers], log_level=self.log_level,
+                                 log_json=self.log_json)
+                   for i in range(1, s.smtp.processes if s.smtp.enabled else 1)]
+
         def config_applied(applied: Applied) -> None:
             self.settings = applied.settings
             for w in workers:
                 w.update(applied.settings)
+            for p in intakes:
+                p.update(applied.settings)
 
         reloader.live.subscribe(config_applied)
         await asyncio.to_thread(reloader.start)
@@ -89,7 +100,7 @@ class Daemon:
                 w.notify()
 
         engine = intake_engine(url)
-        acceptor = Acceptor(engine, on_commit=committed, signal=signal_)
+        acceptor = Acceptor(engine, on_commit=committed, signal=signal_.slot(0))
         await acceptor.start()
         # IMAP mailboxes go through the same acceptor: same durability, same dedupe, and
         # their commits wake the pipeline too. Accounts follow config reloads by themselves.
@@ -109,7 +120,11 @@ class Daemon:
             handler = IntakeHandler(acceptor, self.owns_address, channel=s.smtp.protocol)
             server = await start_server(handler, s.smtp.host, s.smtp.port,
                                         hostname=s.smtp.hostname,
-                                        max_size=s.smtp.max_message_size)
+                                        max_size=s.smtp.max_message_size,
+                                        reuse_port=bool(intakes))
+            for p in intakes:
+                p.start()
+                p.update(self.settings)
         self._log.info(
             "router_started", config=s.source, database=redact(url),
             smtp=f"{s.smtp.protocol}://{s.smtp.listen}" if server else "off",
@@ -128,6 +143,7 @@ class Daemon:
         if server is not None:
             server.close()
             await server.wait_closed()
+        intake_exits = [await asyncio.to_thread(p.stop) for p in intakes]
         await imap_task
         await acceptor.stop()
         exits = [await asyncio.to_thread(w.stop) for w in workers]
@@ -138,7 +154,8 @@ class Daemon:
         esc_engine.dispose()
         outbox_engine.dispose()
         engine.dispose()
-        self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits)
+        self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits,
+                       intake_exit=intake_exits)
 
 
 def serve(path: Path, *, log_level: str = "info", log_json: bool | None = None) -> int:

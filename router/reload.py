@@ -87,6 +87,7 @@ RESTART_FIELDS: tuple[tuple[str, Callable[[config.Settings], object]], ...] = (
     ("smtp.enabled", lambda s: s.smtp.enabled),
     ("smtp.hostname", lambda s: s.smtp.hostname),
     ("smtp.max_message_size", lambda s: s.smtp.max_message_size),
+    ("smtp.processes", lambda s: s.smtp.processes),
     ("database.url", lambda s: s.database_url),
     ("web.listen", lambda s: s.web.listen),
     ("web.enabled", lambda s: s.web.enabled),

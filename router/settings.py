@@ -126,6 +126,8 @@ class SmtpSection(Strict):
     max_message_size: int = 25 * 1024 * 1024
     protocol: Literal["smtp", "lmtp"] = "smtp"
     enabled: bool = True
+    # Processes accepting on the port together (SO_REUSEPORT): one event loop is one core.
+    processes: int = Field(default=1, ge=1, le=16)
 
     @field_validator("listen")
     @classmethod

@@ -31,7 +31,7 @@ from router.reload import LiveConfig
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -39,12 +39,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _forward_hup(parent: int) -> None:
+def forward_hup(parent: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(parent, signal.SIGHUP)
 
 
-def _first_settings(config_path: str, updates: Any) -> config.Settings:
+def first_settings(config_path: str, updates: Any) -> config.Settings:
     """The daemon sends the config it runs right after starting us; use that one (it is the
     validated one, with its templates snapshot), else load the file ourselves."""
     if updates is not None:
@@ -57,7 +57,7 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
                   log_level: str, log_json: bool | None, updates: Any = None,
                   parent: int | None = None, part: tuple[int, int] = (0, 1),
                   intake: IntakeSignal | None = None) -> None:
-    _die_with_parent()
+    die_with_parent()
     # The parent is named by the daemon, not read here: a daemon killed before the line
     # above ran would leave us adopted by init, and getppid() would then name init.
     parent = parent if parent is not None else os.getppid()
@@ -66,14 +66,14 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     # Reloading is the daemon's job (router.reload): it validates, records and then sends
     # each applied config through `updates`. A SIGHUP sent to us goes to it.
-    signal.signal(signal.SIGHUP, lambda *_: _forward_hup(parent))
+    signal.signal(signal.SIGHUP, lambda *_: forward_hup(parent))
     if nice:
         os.nice(nice)
     log.setup(log_level, json=log_json)
     from router.hooks import default_hooks
     from router.pipeline import Pipeline
 
-    settings = _first_settings(config_path, updates)
+    settings = first_settings(config_path, updates)
     live = LiveConfig(settings)
     taking = threading.Lock()  # two threads take updates: keep them in the order sent
     logger = log.get("router.worker")

@@ -27,6 +27,7 @@ listen = "127.0.0.1:{smtp_port}"
 hostname = "router.test"
 max_message_size = "{max_size}"
 protocol = "{protocol}"
+processes = {processes}
 
 [database]
 url = "{db_url}"
@@ -70,7 +71,7 @@ def free_port() -> int:
 
 def write_config(directory: Path, *, db_url: str | None = None, smtp_port: int | None = None,
                  relay_port: int | None = None, max_size: str = "1MB", protocol: str = "smtp",
-                 extra: str = "") -> Path:
+                 extra: str = "", smtp_processes: int = 1) -> Path:
     """A router.toml for tests, using the repository's real templates."""
     directory.mkdir(parents=True, exist_ok=True)
     text = BASE_CONFIG.format(
@@ -78,7 +79,7 @@ def write_config(directory: Path, *, db_url: str | None = None, smtp_port: int |
         smtp_port=smtp_port or free_port(),
         relay_port=relay_port or free_port(),
         db_url=db_url or f"sqlite:///{directory / 'router.db'}",
-        max_size=max_size, protocol=protocol,
+        max_size=max_size, protocol=protocol, processes=smtp_processes,
     ) + textwrap.dedent(extra)
     path = directory / "router.toml"
     path.write_text(text, encoding="utf-8")

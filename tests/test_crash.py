@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from router import db
@@ -47,9 +48,12 @@ def _sender(port_box: list[int], stop: threading.Event, acked: list[str], unacke
             acked.append(mid)
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-intake", "two-intakes"])
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, processes: int) -> None:
+    """With `[smtp] processes = 2` the kill also takes the second intake process down
+    (it dies with the daemon) while it may be between its commit and its 250."""
     url = f"sqlite:///{tmp_path / 'router.db'}"
-    cfg = write_config(tmp_path / "etc", db_url=url)
+    cfg = write_config(tmp_path / "etc", db_url=url, smtp_processes=processes)
     rng = random.Random(20261122)
     acked: list[str] = []
     unacked: list[str] = []
@@ -113,8 +117,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
 
 
 def _orphaned_workers() -> list[int]:
-    """Pipeline workers started during this test (they inherit its PYTEST_CURRENT_TEST)
-    that init adopted: their daemon was killed and they kept running."""
+    """Pipeline workers and intake processes started during this test (they inherit its
+    PYTEST_CURRENT_TEST) that init adopted: their daemon was killed and they kept running."""
     me = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -220,6 +220,14 @@ def test_bad_duration_says_which_forms_are_accepted(tmp_path: Path) -> None:
         assert form in p.message
 
 
+def test_intake_processes_must_be_at_least_one(tmp_path: Path) -> None:
+    text = replace_once(GOOD, 'max_message_size = "25MB"',
+                        'max_message_size = "25MB"\nprocesses = 0')
+    p = only(problems_of(tmp_path, text))
+    assert (p.path, p.line) == ("smtp.processes", line_of_text(text, "processes = 0"))
+    assert "greater than or equal to 1" in p.message
+
+
 @pytest.mark.parametrize("value", ['"15 mins"', '"15"', "15", '"1.5h"', '""', '"m"', '"2w"',
                                    "true"])
 def test_durations_rejected(value: str, tmp_path: Path) -> None:

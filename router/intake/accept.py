@@ -47,7 +47,7 @@ class Envelope:
 
 
 def _row(env: Envelope, now: datetime) -> dict[str, Any]:
-    quick = quick_headers(env.raw)
+    quick = quick_headers(env.raw, subject=False)
     return {
         "received_at": env.received_at or now,
         "channel": env.channel,
@@ -91,32 +91,44 @@ def _locked(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
 
 
+class IntakeSlot:
+    """One intake writer's part of `IntakeSignal`: only that writer's thread writes it."""
+
+    def __init__(self, blocked: Any, commits: Any, index: int) -> None:
+        self._blocked, self._commits, self._i = blocked, commits, index
+
+    def set_blocked(self, blocked: bool) -> None:
+        self._blocked[self._i] = int(blocked)
+
+    def committed(self) -> None:
+        self._commits[self._i] += 1
+
+
 class IntakeSignal:
     """Shared memory from the daemon's intake to its pipeline workers: whether intake is
     waiting for SQLite's write lock right now. A worker that sees it commits what it has and
     lets intake in, so senders wait for one message's routing at most, not for a batch's.
-    Create it before the workers start (it is handed to them as they are spawned)."""
+    One slot per intake process (`slot`), each written by that process's writer alone, so
+    no write races another. Create it before the processes start (it is handed to them as
+    they are spawned)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 1) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self._blocked = ctx.RawValue("i", 0)
-        self._commits = ctx.RawValue("q", 0)
+        self._blocked = ctx.RawArray("i", slots)
+        self._commits = ctx.RawArray("q", slots)
 
-    def set_blocked(self, blocked: bool) -> None:
-        self._blocked.value = int(blocked)
-
-    def committed(self) -> None:
-        self._commits.value += 1  # only the intake writer thread writes it
+    def slot(self, index: int) -> IntakeSlot:
+        return IntakeSlot(self._blocked, self._commits, index)
 
     def blocked(self) -> bool:
-        return bool(self._blocked.value)
+        return any(self._blocked)
 
     def commits(self) -> int:
-        return int(self._commits.value)
+        return int(sum(self._commits))
 
 
 def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
-               lock_wait: float = 10.0, signal: IntakeSignal | None = None) -> None:
+               lock_wait: float = 10.0, signal: IntakeSlot | None = None) -> None:
     """Commit the rows or raise StorageUnavailable.
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
@@ -164,7 +176,7 @@ class Acceptor:
 
     def __init__(self, engine: Engine, *, clock: Clock = system_clock, max_batch: int = 512,
                  on_commit: Callable[[int], None] | None = None,
-                 signal: IntakeSignal | None = None) -> None:
+                 signal: IntakeSlot | None = None) -> None:
         self.engine = engine
         self.signal = signal
         self.clock = clock

@@ -1,0 +1,106 @@
+"""`[smtp] processes = 2`: two processes accept on one port (SO_REUSEPORT), each answering
+250 only after its own commit; both follow config reloads and wake the pipeline."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from router import db
+from router import settings as config
+from tests.conftest import write_config
+from tests.daemon import make_mail, start_router, wait_until
+
+
+def _send_many(port: int, rcpt: str, tag: str, n: int, threads: int = 6) -> list[str]:
+    """`n` messages over as many new connections, from `threads` senders at once; returns
+    the Message-IDs that got a 250 (an SMTP error fails the test)."""
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        for i in range(k, n, threads):
+            mid = f"<{tag}.{i}@example.org>"
+            raw = make_mail(subject=f"{tag} {i}", to=rcpt, message_id=mid,
+                            frm=f"Customer {i} <c{i}@example.org>")
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                    client.sendmail(f"c{i}@example.org", [rcpt], raw)
+            except (OSError, smtplib.SMTPException) as exc:
+                with lock:
+                    errors.append(exc)
+                continue
+            with lock:
+                acked.append(mid)
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert not errors, errors[:3]
+    return acked
+
+
+def _events(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
+def _accepted_per_process(log: str) -> list[int]:
+    events = _events(log)
+    child = [e["accepted"] for e in events if e.get("event") == "intake_process_stopped"]
+    main = [e["accepted"] for e in events if e.get("event") == "router_stopped"]
+    return main + child
+
+
+@pytest.mark.slow
+def test_two_intake_processes_share_the_port_and_follow_reloads(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    cfg = write_config(tmp_path / "etc", db_url=url, smtp_processes=2)
+    proc = start_router(cfg)
+    try:
+        wait_until(lambda: '"intake_process_started"' in proc.log, 30,
+                   what="the second intake process")
+        first = _send_many(proc.port, "support@acme.test", "before", 60)
+
+        # A new role address: every process must know it (each decides RCPT by itself).
+        body = cfg.read_text(encoding="utf-8")
+        cfg.write_text(body.replace('addresses = ["support@acme.test", "sales@acme.test"]',
+                                    'addresses = ["support@acme.test", "sales@acme.test", '
+                                    '"help@acme.test"]'), encoding="utf-8")
+        version = config.load(cfg).digest[:16]
+        wait_until(lambda: any(e.get("event") == "intake_config_applied"
+                               and e.get("version") == version for e in _events(proc.log)),
+                   30, what="the child's config reload")
+        second = _send_many(proc.port, "help@acme.test", "after", 40)
+
+        engine = db.make_engine(url)
+
+        def routed() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "select count(*) from inbound where status = 'done'")).scalar_one() == 100
+        wait_until(routed, 60, what="all 100 messages routed")
+        log = proc.stop()
+    finally:
+        proc.kill()
+
+    with engine.connect() as conn:
+        rows = conn.execute(text("select message_id, ticket_id from inbound")).all()
+        teams = Counter(r[0] for r in conn.execute(text("select team from ticket")))
+    engine.dispose()
+    stored = Counter(r.message_id for r in rows)
+    assert set(stored) == set(first) | set(second) and all(n == 1 for n in stored.values())
+    assert all(r.ticket_id is not None for r in rows)
+    assert teams == {"support": 100}
+    # Both processes took connections: the kernel spread 100 of them over the two.
+    accepted = _accepted_per_process(log)
+    assert len(accepted) == 2 and sum(accepted) == 100 and min(accepted) > 0, accepted
