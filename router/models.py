@@ -371,6 +371,14 @@ class WebSecret(SQLModel, table=True):
 Index("ix_ticket_team_status_id", Ticket.team, Ticket.status, Ticket.id)  # type: ignore[arg-type]
 Index("ix_ticket_team_status_updated", Ticket.team, Ticket.status,  # type: ignore[arg-type]
       Ticket.updated_at, Ticket.id)
+# Every new ticket's promise (router.turnaround.history) counts the team's unanswered backlog
+# and summarises its answered tickets; assignment counts each agent's open tickets. Covering
+# indexes keep those reads off the table rows, whose number only grows.
+Index("ix_ticket_team_status_first_response", Ticket.team,  # type: ignore[arg-type]
+      Ticket.status, Ticket.first_response_at)
+Index("ix_ticket_team_first_response_created", Ticket.team,  # type: ignore[arg-type]
+      Ticket.first_response_at, Ticket.created_at)
+Index("ix_ticket_assignee_status", Ticket.assignee, Ticket.status)  # type: ignore[arg-type]
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -171,19 +171,25 @@ def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
     return {c.clock: c for c in rows}
 
 
-def _new(session: Session, ticket_id: int, clock: str, team: Team, now: datetime,
-         cycle: int = 0, *, running: bool = True) -> SlaClock:
-    """A new clock, running from `now` or paused; written at once with Core (every new
-    ticket makes two: the unit of work costs more than the rows), and put in `session`."""
+def _new(ticket_id: int, clock: str, team: Team, now: datetime, cycle: int = 0, *,
+         running: bool = True) -> SlaClock:
+    """A new clock, running from `now` or paused; `_write` stores it."""
     c = loaded(SlaClock, {"ticket_id": ticket_id, "clock": clock, "cycle": cycle,
                           "started_at": now, "running_since": now if running else None,
                           "elapsed": 0.0, "deadline_at": None, "stopped_at": None,
                           "breached": False})
     set_committed_value(c, "deadline_at", due_at(c, meter_for(team),
                                                  target_seconds(team, clock)))
-    session.connection().execute(_INS_CLOCK, {k: c.__dict__[k] for k in _CLOCK_COLUMNS})
-    session.add(c)
     return c
+
+
+def _write(session: Session, new: list[SlaClock]) -> None:
+    """Insert new clocks with Core, in one statement (every new ticket makes two: the unit
+    of work costs more than the rows), and put them in `session` for later changes."""
+    if new:
+        session.connection().execute(
+            _INS_CLOCK, [{k: c.__dict__[k] for k in _CLOCK_COLUMNS} for c in new])
+        session.add_all(new)
 
 
 def _restart(c: SlaClock, team: Team, now: datetime) -> None:
@@ -204,12 +210,10 @@ def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
     Returns the ticket's clocks."""
     assert ticket.id is not None
     have = dict(clocks(session, ticket.id) if have is None else have)
-    for name in (FIRST_RESPONSE, RESOLUTION):
-        if name not in have:
-            # A clock that starts paused has counted nothing: pausing it at once would
-            # leave it as it starts here.
-            have[name] = _new(session, ticket.id, name, team, now,
-                              running=ticket.status in RUNNING_STATUSES)
+    new = [_new(ticket.id, name, team, now, running=ticket.status in RUNNING_STATUSES)
+           for name in (FIRST_RESPONSE, RESOLUTION) if name not in have]
+    _write(session, new)
+    have.update((c.clock, c) for c in new)
     return have
 
 
@@ -234,7 +238,8 @@ def customer_reply(session: Session, ticket: Ticket, team: Team,
         return have
     nxt = have.get(NEXT_RESPONSE)
     if nxt is None:
-        have[NEXT_RESPONSE] = _new(session, ticket.id, NEXT_RESPONSE, team, now, cycle=1)
+        have[NEXT_RESPONSE] = nxt = _new(ticket.id, NEXT_RESPONSE, team, now, cycle=1)
+        _write(session, [nxt])
     elif nxt.stopped_at is not None:
         _restart(nxt, team, now)
     else:
