@@ -22,10 +22,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, insert, inspect, select, update
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
 from sqlmodel import Session
 
 from router import agentmail, learn, log
@@ -130,16 +130,23 @@ class Handled:
             if not state.persistent or not state.committed_state:
                 continue
             changes = {key: state.dict[key] for key in state.committed_state}
-            table = table_of(model)
-            self.conn.execute(update(table).where(table.c.id == ident).values(changes))
-            for key, value in changes.items():
-                set_committed_value(obj, key, value)
+            self.conn.execute(_update_by_id(model, tuple(sorted(changes))),
+                              {"row_id": ident, **{f"v_{k}": v for k, v in changes.items()}})
+            # Written: the flush below need not look at it again.
+            session.expunge(obj)
         session.commit()
 
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
             self._session = None
+
+
+@lru_cache(maxsize=64)
+def _update_by_id(model: type, columns: tuple[str, ...]) -> Any:
+    table = table_of(model)
+    return update(table).where(table.c.id == bindparam("row_id")).values(
+        {c: bindparam(f"v_{c}") for c in columns})
 
 
 CustomerFacts = tuple[bool, tuple[tuple[str, Any], ...], str | None]
@@ -162,13 +169,19 @@ class ParentPending(Exception):
     (or instance): handled now it would open a ticket of its own instead of threading."""
 
 
+# Built once: the hot path's statements cost more to build than to run.
+_PENDING_PARENT = select(INBOUND.c.id).where(
+    INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
+    INBOUND.c.status == InboundStatus.NEW, INBOUND.c.id < bindparam("id")).limit(1)
+_INBOUND_DONE = update(INBOUND).where(INBOUND.c.id == bindparam("iid")).values(
+    status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
+
+
 def _check_parents(conn: Connection, parsed: ParsedMail, inbound_id: int) -> None:
     keys = [*parsed.in_reply_to, *parsed.references]
     if not keys:
         return
-    parent = conn.execute(select(INBOUND.c.id).where(
-        INBOUND.c.message_id.in_(keys), INBOUND.c.status == InboundStatus.NEW,
-        INBOUND.c.id < inbound_id).limit(1)).scalar()
+    parent = conn.execute(_PENDING_PARENT, {"keys": keys, "id": inbound_id}).scalar()
     if parent is not None:
         raise ParentPending(parent)
 
@@ -401,8 +414,7 @@ class Pipeline:
             send_alerts(conn, settings, decision, written.ticket_id, parsed, at)
             new = True
         ticket_id = written.ticket_id
-        conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
-            status=InboundStatus.DONE, ticket_id=ticket_id, processed_at=self.clock()))
+        conn.execute(_INBOUND_DONE, {"iid": inbound.id, "tid": ticket_id, "at": self.clock()})
         handled = Handled(inbound, parsed, ticket_id, written.article_id, customer, new,
                           settings, at, decision if new else None, conn)
         handled.know(Ticket, written.ticket)

@@ -41,6 +41,19 @@ from router.settings import Settings
 _SEL_TICKET = select(T_TICKET).where(T_TICKET.c.id == bindparam("tid"))
 _SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
     T_TICKET.c.id == bindparam("tid"))
+_SEL_THREAD = (select(T_THREAD_KEY.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
+               .join(T_TICKET, T_TICKET.c.id == T_THREAD_KEY.c.ticket_id)
+               .where(T_THREAD_KEY.c.message_id.in_(bindparam("mids", expanding=True))))
+# A customer's reply: a new ticket stays new, any other becomes open, a solved or closed
+# one counts a reopening. In SQL, so it holds against the row as it is now; the row this
+# update leaves is what the hooks after routing read.
+_DONE = T_TICKET.c.status.in_([TicketStatus.SOLVED, TicketStatus.CLOSED])
+_UPD_REPLIED = update(T_TICKET).where(T_TICKET.c.id == bindparam("tid")).values(
+    updated_at=bindparam("at"), last_customer_at=bindparam("at"),
+    status=case((T_TICKET.c.status == TicketStatus.NEW, TicketStatus.NEW),
+                else_=TicketStatus.OPEN),
+    reopened=case((_DONE, T_TICKET.c.reopened + 1), else_=T_TICKET.c.reopened),
+    solved_at=case((_DONE, None), else_=T_TICKET.c.solved_at)).returning(*T_TICKET.c)
 _INS_TICKET = insert(T_TICKET).returning(T_TICKET.c.id)
 _INS_ARTICLE = insert(T_ARTICLE).returning(T_ARTICLE.c.id)
 _INS_ATTACH = insert(T_ATTACHMENT)
@@ -81,9 +94,7 @@ def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> Thr
     if not keyed:
         return None
     found = {r.message_id: r for r in conn.execute(
-        select(T_THREAD_KEY.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
-        .join(T_TICKET, T_TICKET.c.id == T_THREAD_KEY.c.ticket_id)
-        .where(T_THREAD_KEY.c.message_id.in_([mid for _, mid in keyed])))}
+        _SEL_THREAD, {"mids": [mid for _, mid in keyed]})}
     for key, mid in keyed:
         if mid in found:
             return ThreadMatch(found[mid].id, found[mid].status, key, mid)
@@ -195,14 +206,7 @@ def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inb
     ticket = conn.execute(_SEL_TICKET, {"tid": match.ticket_id}).one()
     article = add_article(conn, ticket.id, inbound, parsed, now)
     reopened = ticket.status in (TicketStatus.SOLVED, TicketStatus.CLOSED)
-    values: dict[str, Any] = {"updated_at": now, "last_customer_at": now}
-    if reopened:
-        values.update(reopened=ticket.reopened + 1, solved_at=None)
-    if ticket.status != TicketStatus.NEW:
-        values["status"] = TicketStatus.OPEN
-    # The row as this update left it: what the hooks after routing read.
-    fresh = conn.execute(update(T_TICKET).where(T_TICKET.c.id == ticket.id).values(**values)
-                         .returning(*T_TICKET.c)).one()
+    fresh = conn.execute(_UPD_REPLIED, {"tid": ticket.id, "at": now}).one()
     conn.execute(_INS_DECISION, {
         "ticket_id": ticket.id, "inbound_id": inbound.id, "kind": "thread",
         "team": ticket.team, "priority": ticket.priority, "address": ticket.address,
