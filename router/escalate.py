@@ -178,7 +178,7 @@ FiredKeys = set[tuple[str, int, str]]
 
 
 def fired_keys(session: Session, ticket_id: int) -> FiredKeys:
-    rows = session.exec(_FIRED_KEYS, params={"ticket_id": ticket_id}).all()
+    rows = session.connection().execute(_FIRED_KEYS, {"ticket_id": ticket_id}).all()
     return {(c, n, s) for c, n, s in rows}
 
 

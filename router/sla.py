@@ -36,8 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import bindparam, insert
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
 from router import log
@@ -49,6 +50,7 @@ FIRST_RESPONSE, NEXT_RESPONSE, RESOLUTION = SLA_CLOCKS
 RUNNING_STATUSES = frozenset({TicketStatus.NEW, TicketStatus.OPEN})
 STOPPED_STATUSES = frozenset({TicketStatus.SOLVED, TicketStatus.CLOSED})
 _INS_CLOCK = insert(T_SLA_CLOCK)
+_SEL_CLOCKS = select(T_SLA_CLOCK).where(T_SLA_CLOCK.c.ticket_id == bindparam("tid"))
 _CLOCK_COLUMNS = tuple(T_SLA_CLOCK.c.keys())
 
 
@@ -167,8 +169,17 @@ def _unstop(c: SlaClock, team: Team, now: datetime) -> None:
 
 
 def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
-    rows = session.exec(select(SlaClock).where(SlaClock.ticket_id == ticket_id)).all()
-    return {c.clock: c for c in rows}
+    """The ticket's clocks, as objects of `session` (changes to them are flushed with it).
+    Read with Core: every customer reply asks, and the ORM query costs three times more.
+    Clocks are only ever written with Core (`_write`), so nothing pending is missed."""
+    out: dict[str, SlaClock] = {}
+    for row in session.connection().execute(_SEL_CLOCKS, {"tid": ticket_id}):
+        held = session.identity_map.get(identity_key(SlaClock, (row.ticket_id, row.clock)))
+        if held is None:
+            held = loaded(SlaClock, dict(row._mapping))
+            session.add(held)
+        out[row.clock] = held
+    return out
 
 
 def _new(ticket_id: int, clock: str, team: Team, now: datetime, cycle: int = 0, *,
