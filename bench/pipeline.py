@@ -147,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--messages", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32, help="[pipeline] batch_size")
     ap.add_argument("--ack", action="store_true", help="acknowledgements on (outbox rows)")
     ap.add_argument("--workers", type=int, default=1,
                     help="worker processes sharing the messages, as [pipeline] workers")

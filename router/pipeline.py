@@ -214,6 +214,7 @@ class Pipeline:
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
+        self.batch_bytes = 32 * 1024 * 1024
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
@@ -247,13 +248,24 @@ class Pipeline:
 
     def process_batch(self) -> int:
         index, count = self.part
-        query = select(*INBOUND.c).where(INBOUND.c.status == InboundStatus.NEW)
+        query = select(INBOUND.c.id, INBOUND.c.size).where(
+            INBOUND.c.status == InboundStatus.NEW)
         if count > 1:
             query = query.where(INBOUND.c.id % count == index)
         with self.read_engine.connect() as conn:
-            rows = conn.execute(query.order_by(INBOUND.c.id).limit(self.batch_size)).all()
-            if not rows:
+            ids = []
+            size = 0
+            # The batch holds every message parsed at once: bounded in bytes as well, so a
+            # few large mails do not make a worker's memory balloon.
+            for row in conn.execute(query.order_by(INBOUND.c.id).limit(self.batch_size)):
+                if ids and size + row.size > self.batch_bytes:
+                    break
+                ids.append(row.id)
+                size += row.size
+            if not ids:
                 return 0
+            rows = conn.execute(select(*INBOUND.c).where(INBOUND.c.id.in_(ids))
+                                .order_by(INBOUND.c.id)).all()
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()

@@ -264,6 +264,21 @@ def test_attachments_are_stored_with_hash_and_size(store: Store) -> None:
         (e.sha256, e.size) for e in expected]
 
 
+def test_a_batch_is_bounded_in_bytes_as_well_as_in_messages(store: Store) -> None:
+    small = [make_mail(subject=f"small {i}", message_id=f"<small.{i}@example.org>")
+             for i in range(3)]
+    big = make_mail(subject="big", message_id="<big@example.org>", body="x" * 200_000)
+    for raw in (small[0], big, small[1], small[2]):
+        store.accept(raw, ["billing@acme.test"])
+    store.pipeline.batch_bytes = 100_000
+    # A message larger than the bound still goes through, alone; the others by count.
+    assert store.pipeline.process_batch() == 1
+    assert store.pipeline.process_batch() == 1
+    assert store.pipeline.process_batch() == 2
+    assert store.pipeline.process_batch() == 0
+    assert len(all_of(store, Ticket)) == 4
+
+
 # ---------------------------------------------------------------------------- customers
 
 
