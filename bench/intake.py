@@ -1,13 +1,15 @@
 """SMTP intake benchmark: router against a do-nothing aiosmtpd server, in one run.
 
-    python bench/intake.py [-n 20000] [-c 50] [--client {c,python}] [--json]
+    python bench/intake.py [-n 20000] [-c 50] [--workers 2] [--processes 2]
+                           [--client {c,python}] [--intake-only] [--json]
 
 Both servers run as subprocesses on loopback and get the same load (the do-nothing server
 before and after router, pooled, as this machine's speed drifts): N messages (realistic
 sizes, a mix of new mails and replies) over C concurrent connections, a new connection per
 message (as Postfix's smtp-source does). Printed: messages/s for each and their ratio,
 p50/p99 time from the end of DATA to the 250, and for router how long its pipeline takes to
-turn all accepted mail into routed tickets.
+turn all accepted mail into routed tickets. Router runs as the example router.toml sets it
+up (two intake processes, two pipeline workers) unless told otherwise.
 
 The load comes from bench/smtpload.c, built on demand with the system's C compiler into
 bench/.build/. On a 2-core machine every CPU-second the load generator spends is taken from
@@ -334,8 +336,8 @@ def pipeline_done(db: Path) -> tuple[int, int]:
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = False,
-        nice: int = 19, workers: int = 1, client: str = "c",
-        processes: int = 1) -> dict[str, object]:
+        nice: int = 19, workers: int = 2, client: str = "c",
+        processes: int = 2) -> dict[str, object]:
     messages = make_messages(n + warmup, seed)
     warm, main = messages[:warmup], messages[warmup:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -416,6 +418,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
     pipeline_rate = routed.ok / pipeline_secs if pipeline_secs else 0.0
     report = {
         "messages": n, "concurrency": concurrency, "seed": seed, "intake_processes": processes,
+        "pipeline_workers": 0 if intake_only else workers,
         "client": "python" if binary is None else "c",
         "mean_size_bytes": int(statistics.mean(len(m[2]) for m in main)),
         "aiosmtpd": {"rate": round(base.rate, 1), "p50_ms": round(base.pct(0.5), 2),
@@ -443,9 +446,10 @@ def main() -> None:
                     help="run router with no pipeline worker (acceptance alone)")
     ap.add_argument("--nice", type=int, default=19,
                     help="the pipeline worker's CPU priority ([pipeline] nice)")
-    ap.add_argument("--workers", type=int, default=1,
+    # Defaults as in the example router.toml.
+    ap.add_argument("--workers", type=int, default=2,
                     help="pipeline worker processes ([pipeline] workers)")
-    ap.add_argument("--processes", type=int, default=1,
+    ap.add_argument("--processes", type=int, default=2,
                     help="SMTP intake processes sharing the port ([smtp] processes)")
     ap.add_argument("--client", choices=["c", "python"], default="c",
                     help="load generator: bench/smtpload.c (built on demand; Python if no "
@@ -461,7 +465,8 @@ def main() -> None:
     assert isinstance(a, dict) and isinstance(b, dict)
     print(f"{r['messages']} messages (mean {r['mean_size_bytes']} B), "
           f"{r['concurrency']} connections, new connection per message, "
-          f"client {r['client']}")
+          f"client {r['client']}; router: {r['intake_processes']} intake processes, "
+          f"{r['pipeline_workers']} pipeline workers")
     print(f"{'server':<26}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
     print(f"{'aiosmtpd (does nothing)':<26}{a['rate']:>9}{a['p50_ms']:>9}{a['p99_ms']:>9}"
           f"{a['failed']:>8}")
