@@ -92,6 +92,17 @@ def _smtpload(tmp: Path, port: int, concurrency: int,
     return json.loads(res.stdout), outfile.read_text().splitlines()
 
 
+def _load_against(handler: _Recorder, tmp_path: Path, concurrency: int,
+                  messages: list[tuple[str, str, bytes]]) -> tuple[dict[str, float], list[str]]:
+    """smtpload against a real aiosmtpd server whose handler is `handler`."""
+    server = Controller(handler, hostname="127.0.0.1", port=_intake().free_port())
+    server.start()
+    try:
+        return _smtpload(tmp_path, server.port, concurrency, messages)
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_smtpload_delivers_messages_byte_for_byte(tmp_path: Path) -> None:
     messages = [(f"s{i}@example.net", f"r{i}@acme.example",
@@ -102,12 +113,7 @@ def test_smtpload_delivers_messages_byte_for_byte(tmp_path: Path) -> None:
     messages[12] = (messages[12][0], messages[12][1],
                     b"Subject: dots\r\n\r\n.hidden\r\n.\r\n..\r\nend\r\n")
     handler = _Recorder()
-    server = Controller(handler, hostname="127.0.0.1", port=_intake().free_port())
-    server.start()
-    try:
-        summary, latencies = _smtpload(tmp_path, server.port, 5, messages)
-    finally:
-        server.stop()
+    summary, latencies = _load_against(handler, tmp_path, 5, messages)
     assert summary["ok"] == 30 and summary["failed"] == 0 and summary["seconds"] > 0
     assert len(latencies) == 30 and all(float(x) > 0 for x in latencies)
     assert sorted(handler.received) == sorted((s, [r], raw) for s, r, raw in messages)
@@ -118,11 +124,6 @@ def test_smtpload_retries_three_times_then_counts_failed(tmp_path: Path) -> None
     messages = [(f"s{i}@example.net", f"r{i}@acme.example", b"Subject: x\r\n\r\nhi\r\n")
                 for i in range(6)]
     handler = _Recorder(reject="r3@acme.example")
-    server = Controller(handler, hostname="127.0.0.1", port=_intake().free_port())
-    server.start()
-    try:
-        summary, latencies = _smtpload(tmp_path, server.port, 2, messages)
-    finally:
-        server.stop()
+    summary, latencies = _load_against(handler, tmp_path, 2, messages)
     assert (summary["ok"], summary["failed"], handler.rejected) == (5, 1, 3)
     assert len(latencies) == 5 and len(handler.received) == 5
