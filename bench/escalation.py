@@ -55,25 +55,16 @@ from router.clock import FakeClock, system_clock  # noqa: E402
 from router.escalate import EscalationScheduler  # noqa: E402
 from router.intake.accept import Envelope, accept_sync, intake_engine  # noqa: E402
 from router.models import (  # noqa: E402
-    Customer,
-    Escalation,
-    Event,
-    Inbound,
-    Outbox,
-    SlaClock,
-    ThreadKey,
-    Ticket,
+    T_CUSTOMER,
+    T_ESCALATION,
+    T_EVENT,
+    T_INBOUND,
+    T_OUTBOX,
+    T_SLA_CLOCK,
+    T_THREAD_KEY,
+    T_TICKET,
 )
 from router.worker import PipelineProcess  # noqa: E402
-
-T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
-T_CLOCK = SlaClock.__table__  # type: ignore[attr-defined]
-T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
-T_ESC = Escalation.__table__  # type: ignore[attr-defined]
-T_OUTBOX = Outbox.__table__  # type: ignore[attr-defined]
-T_EVENT = Event.__table__  # type: ignore[attr-defined]
-T_THREAD = ThreadKey.__table__  # type: ignore[attr-defined]
-T_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 
 CONFIG = """
 templates = "{templates}"
@@ -148,15 +139,15 @@ def populate(engine: Engine, n: int, due: int, now: datetime, chunk: int = 10_00
             next_id += 1
         with engine.begin() as conn:
             conn.execute(insert(T_TICKET), tickets)
-            conn.execute(insert(T_CLOCK), clocks)
+            conn.execute(insert(T_SLA_CLOCK), clocks)
     return due_ids
 
 
 def rearm(engine: Engine, due_ids: list[int], now: datetime) -> None:
     """Undo a tick's work so the next round fires the same steps again."""
     with engine.begin() as conn:
-        conn.execute(delete(T_ESC))
-        conn.execute(delete(T_THREAD).where(T_THREAD.c.ticket_id.in_(due_ids)))
+        conn.execute(delete(T_ESCALATION))
+        conn.execute(delete(T_THREAD_KEY).where(T_THREAD_KEY.c.ticket_id.in_(due_ids)))
         conn.execute(delete(T_OUTBOX))
         conn.execute(delete(T_EVENT))
         conn.execute(update(T_TICKET).where(T_TICKET.c.id.in_(due_ids))
@@ -185,7 +176,7 @@ def measure_ticks(directory: Path, url: str, n: int, due: int, rounds: int) -> d
                 sched.next_due()
             probes.append((time.perf_counter() - t) / 100)
             with engine.connect() as conn:
-                assert conn.execute(select(func.count()).select_from(T_ESC)).scalar() == due
+                assert conn.execute(select(func.count()).select_from(T_ESCALATION)).scalar() == due
     finally:
         sched.close()
         engine.dispose()
@@ -276,9 +267,9 @@ def measure_lateness(directory: Path, url: str, seconds: float,
         worker.stop()
     with engine.connect() as conn:
         rows = conn.execute(
-            select(T_ESC.c.fired_at, T_ESC.c.due_at, T_INBOUND.c.processed_at)
-            .join(T_INBOUND, T_INBOUND.c.ticket_id == T_ESC.c.ticket_id)
-            .where(T_ESC.c.step != "breach")).all()
+            select(T_ESCALATION.c.fired_at, T_ESCALATION.c.due_at, T_INBOUND.c.processed_at)
+            .join(T_INBOUND, T_INBOUND.c.ticket_id == T_ESCALATION.c.ticket_id)
+            .where(T_ESCALATION.c.step != "breach")).all()
         late = [(r.fired_at - r.due_at).total_seconds() for r in rows]
         # The scheduler cannot fire a step before the pipeline has given the ticket its
         # due time: this is its own share of the lateness.

@@ -41,7 +41,7 @@ from sqlmodel import Session, col, select
 from router import log
 from router.loopguard import automatic_reason
 from router.mail import ParsedMail, normalize_address, split_plus
-from router.models import Customer, Event, Inbound, InboundStatus, Ticket, WebSecret
+from router.models import T_INBOUND, Customer, Event, InboundStatus, Ticket, WebSecret
 from router.outbox import enqueue
 from router.route import format_token
 from router.settings import Settings, Team
@@ -58,7 +58,6 @@ _TAG = re.compile(rf"^r-(\d{{1,12}})-([0-9a-f]{{{MAC_HEX}}})$")
 # "On <date>, <someone> wrote:" (and the common localised forms) opens the quoted original.
 _QUOTE_INTRO = re.compile(r"^\s*(?:on\b.*\bwrote|am\b.*\bschrieb|le\b.*\ba écrit)\s*:\s*$",
                           re.IGNORECASE)
-_INBOUND = Inbound.__table__  # type: ignore[attr-defined]
 
 _log = log.get("router.agentmail")
 
@@ -191,7 +190,7 @@ def _refuse(session: Session, conn: Connection, inbound: Any, token: Token, send
                       data={"inbound_id": inbound.id, "reason": reason, "from": sender,
                             "address": token.address, "ticket": token.ticket_id}))
     session.commit()
-    conn.execute(update(_INBOUND).where(_INBOUND.c.id == inbound.id).values(
+    conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
         status=InboundStatus.REFUSED, error=reason[:2000], processed_at=now))
     _log.warning("agent reply refused", inbound_id=inbound.id, ticket=token.ticket_id,
                  sender=sender, reason=reason)
@@ -258,7 +257,7 @@ def handle_reply(conn: Connection, inbound: Any, parsed: ParsedMail, settings: S
                                 "article_id": result.article_id, "outbox_id": result.outbox_id,
                                 "attachments_dropped": len(parsed.attachments)}))
         session.commit()
-    conn.execute(update(_INBOUND).where(_INBOUND.c.id == inbound.id).values(
+    conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
         status=InboundStatus.DONE, ticket_id=token.ticket_id, processed_at=now))
     _log.info("agent reply relayed", inbound_id=inbound.id, ticket=token.ticket_id,
               sender=sender, outbox_id=result.outbox_id)

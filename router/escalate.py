@@ -73,9 +73,12 @@ from router.ack import our_addresses, record_first_response
 from router.clock import Clock, system_clock
 from router.db import make_engine
 from router.models import (
-    Article,
+    T_ARTICLE,
+    T_CUSTOMER,
+    T_ESCALATION,
+    T_EVENT,
+    T_TICKET,
     ArticleKind,
-    Customer,
     Escalation,
     Event,
     SlaClock,
@@ -107,20 +110,15 @@ CONTEXT_KEYS = frozenset({
     "customer_words", "recipients",
 })
 
-T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
-T_ESC = Escalation.__table__  # type: ignore[attr-defined]
-T_EVENT = Event.__table__  # type: ignore[attr-defined]
-T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
-T_ARTICLE = Article.__table__  # type: ignore[attr-defined]
-
 # Statements the scheduler runs per ticket or per step, built once: building a statement
 # costs a good part of what running it does.
 _FIRED_KEYS = (select(Escalation.clock, Escalation.cycle, Escalation.step)
                .where(Escalation.ticket_id == bindparam("ticket_id")))
 _BATCH_IDS = bindparam("ids", expanding=True)
 _BATCH_CLOCKS = select(SlaClock).where(col(SlaClock.ticket_id).in_(_BATCH_IDS))
-_BATCH_FIRED = (select(T_ESC.c.ticket_id, T_ESC.c.clock, T_ESC.c.cycle, T_ESC.c.step)
-                .where(T_ESC.c.ticket_id.in_(_BATCH_IDS)))
+_BATCH_FIRED = (select(T_ESCALATION.c.ticket_id, T_ESCALATION.c.clock, T_ESCALATION.c.cycle,
+                       T_ESCALATION.c.step)
+                .where(T_ESCALATION.c.ticket_id.in_(_BATCH_IDS)))
 _BATCH_CUSTOMERS = (select(T_CUSTOMER.c.id, T_CUSTOMER.c.name, T_CUSTOMER.c.email)
                     .where(T_CUSTOMER.c.id.in_(_BATCH_IDS)))
 # The last customer message of each ticket.
@@ -137,7 +135,8 @@ _FIRING_COLUMNS = frozenset({"priority", "team", "assignee", "updated_at", "next
 _UPDATE_FIRED_TICKET = (update(T_TICKET).where(T_TICKET.c.id == bindparam("ticket_id"))
                         .values({c: bindparam(f"new_{c}") for c in sorted(_FIRING_COLUMNS)}))
 # Every key always given (None where unused), so each dialect compiles one statement.
-_INSERT_FIRED = {name: dialect.insert(T_ESC).on_conflict_do_nothing().returning(T_ESC.c.id)
+_INSERT_FIRED = {name: dialect.insert(T_ESCALATION).on_conflict_do_nothing()
+                 .returning(T_ESCALATION.c.id)
                  for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))}
 
 
@@ -876,24 +875,28 @@ class EscalationScheduler:
 
     def _webhooks_waiting(self, now: datetime) -> bool:
         with self.engine.connect() as conn:
-            return conn.execute(select(T_ESC.c.id).where(
-                T_ESC.c.webhook_status == "pending", T_ESC.c.webhook_next_at <= now)
+            return conn.execute(select(T_ESCALATION.c.id).where(
+                T_ESCALATION.c.webhook_status == "pending", T_ESCALATION.c.webhook_next_at <= now)
                 .limit(1)).first() is not None
 
     def post_webhooks(self) -> int:
         """POST the due webhook calls; at least once, retried with backoff. Posted count."""
         now = self.clock()
-        due = ((T_ESC.c.webhook_status == "pending") & (T_ESC.c.webhook_next_at <= now))
-        pick = select(T_ESC.c.id).where(due).order_by(T_ESC.c.webhook_next_at).limit(50)
+        due = ((T_ESCALATION.c.webhook_status == "pending")
+               & (T_ESCALATION.c.webhook_next_at <= now))
+        pick = (select(T_ESCALATION.c.id).where(due)
+                .order_by(T_ESCALATION.c.webhook_next_at).limit(50))
         if self.postgres:
             pick = pick.with_for_update(skip_locked=True)
         # Claim with a lease first, post outside the transaction: a slow endpoint must not
         # hold the database, and a crash mid-post retries when the lease runs out.
         with self._write.begin() as conn:
-            rows = conn.execute(update(T_ESC).where(T_ESC.c.id.in_(pick), due)
+            rows = conn.execute(update(T_ESCALATION).where(T_ESCALATION.c.id.in_(pick), due)
                                 .values(webhook_next_at=now + WEBHOOK_LEASE)
-                                .returning(T_ESC.c.id, T_ESC.c.webhook_url, T_ESC.c.actions,
-                                           T_ESC.c.webhook_attempts, T_ESC.c.ticket_id)).all()
+                                .returning(T_ESCALATION.c.id, T_ESCALATION.c.webhook_url,
+                                           T_ESCALATION.c.actions,
+                                           T_ESCALATION.c.webhook_attempts,
+                                           T_ESCALATION.c.ticket_id)).all()
         sent = 0
         for r in rows:
             error = _post(r.webhook_url, (r.actions or {}).get("webhook_body", {}),
@@ -908,7 +911,7 @@ class EscalationScheduler:
             else:
                 values["webhook_next_at"] = self.clock() + WEBHOOK_BACKOFF * 2 ** (attempts - 1)
             with self._write.begin() as conn:
-                conn.execute(update(T_ESC).where(T_ESC.c.id == r.id).values(**values))
+                conn.execute(update(T_ESCALATION).where(T_ESCALATION.c.id == r.id).values(**values))
             report = self._log.info if error is None else self._log.warning
             report("escalation webhook", ticket=r.ticket_id, url=r.webhook_url,
                    attempts=attempts, error=error)

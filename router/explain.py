@@ -28,13 +28,10 @@ from router.calendar import BusinessCalendar
 from router.classify import Decision, Unroutable, classify
 from router.loopguard import automatic_reason
 from router.mail import ParsedMail, normalize_address, parse
-from router.models import Customer, Outbox
+from router.models import T_CUSTOMER, T_OUTBOX
 from router.outbox import HUMAN_KINDS
 from router.rules import Context
 from router.settings import Settings
-
-T_CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
-T_OUTBOX = Outbox.__table__  # type: ignore[attr-defined]
 
 
 def _database(settings: Settings) -> str | None:

@@ -23,13 +23,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 
-from router.models import Article, ArticleKind, ClassifierModel, Decision, Ticket
+from router.models import (
+    T_ARTICLE,
+    T_CLASSIFIER_MODEL,
+    T_DECISION,
+    T_EVENT,
+    T_TICKET,
+    ArticleKind,
+)
 from router.rules import Suggestion
 
-T_MODEL = ClassifierModel.__table__  # type: ignore[attr-defined]
-T_TICKET = Ticket.__table__  # type: ignore[attr-defined]
-T_ARTICLE = Article.__table__  # type: ignore[attr-defined]
-T_DECISION = Decision.__table__  # type: ignore[attr-defined]
 TEXT_CHARS = 5000
 HOLDOUT = 0.2
 
@@ -137,7 +140,7 @@ def train_and_store(engine: Engine, now: datetime, *, min_examples: int = 20, se
     buf = io.BytesIO()
     pickle.dump(model, buf, protocol=pickle.HIGHEST_PROTOCOL)
     with engine.begin() as conn:
-        model_id = conn.execute(T_MODEL.insert().returning(T_MODEL.c.id), {
+        model_id = conn.execute(T_CLASSIFIER_MODEL.insert().returning(T_CLASSIFIER_MODEL.c.id), {
             "created_at": now, "examples": len(examples), "metrics": metrics,
             "blob": buf.getvalue()}).scalar_one()
     return int(model_id), metrics
@@ -149,13 +152,14 @@ _cache: dict[str, tuple[int, Any]] = {}
 def latest_model(conn: Connection) -> tuple[int, Any] | None:
     """The newest stored model, unpickled once per process and model id."""
     key = str(conn.engine.url)
-    model_id = conn.execute(select(func.max(T_MODEL.c.id))).scalar()
+    model_id = conn.execute(select(func.max(T_CLASSIFIER_MODEL.c.id))).scalar()
     if model_id is None:
         return None
     cached = _cache.get(key)
     if cached is not None and cached[0] == model_id:
         return cached
-    blob = conn.execute(select(T_MODEL.c.blob).where(T_MODEL.c.id == model_id)).scalar_one()
+    blob = conn.execute(select(T_CLASSIFIER_MODEL.c.blob)
+                        .where(T_CLASSIFIER_MODEL.c.id == model_id)).scalar_one()
     loaded = (int(model_id), pickle.loads(blob))  # our own table (see the docstring)
     _cache[key] = loaded
     return loaded
@@ -199,9 +203,6 @@ def move_ticket(engine: Engine, ticket_id: int, team: str, now: datetime, *,
                 by: str | None = None) -> dict[str, Any]:
     """An agent's correction: move the ticket to `team` and record a "reroute" decision,
     which the next `router train` learns from. Raises LookupError for an unknown ticket."""
-    from router.models import Event
-
-    t_event = Event.__table__  # type: ignore[attr-defined]
     with engine.begin() as conn:
         row = conn.execute(select(T_TICKET.c.id, T_TICKET.c.team, T_TICKET.c.priority,
                                   T_TICKET.c.address, T_TICKET.c.tag)
@@ -222,7 +223,7 @@ def move_ticket(engine: Engine, ticket_id: int, team: str, now: datetime, *,
             "hits": [{"rule": "agent", "matched": True, "reason": reason, "from": row.team,
                       "to": team, "by": by}],
             "config_version": None, "created_at": now})
-        conn.execute(t_event.insert(), {"at": now, "ticket_id": ticket_id, "kind": "moved",
+        conn.execute(T_EVENT.insert(), {"at": now, "ticket_id": ticket_id, "kind": "moved",
                                         "data": {"from": row.team, "to": team, "by": by}})
     return {"ticket": ticket_id, "team": team, "from": row.team, "moved": True,
             "reason": reason}

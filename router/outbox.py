@@ -29,16 +29,13 @@ from sqlmodel import Session
 from router import log
 from router.clock import Clock
 from router.mail import msgid_normalize
-from router.models import Outbox, OutboxStatus, ThreadKey
+from router.models import T_OUTBOX, T_THREAD_KEY, Outbox, OutboxStatus, ThreadKey
 from router.settings import RelaySection, Settings
 from router.wakeup import Wakeup
 
 # Kinds of mail a person writes; every other kind addressed to a customer is automatic and
 # counts against the customer's daily cap (router.ack).
 HUMAN_KINDS = frozenset({"reply"})
-
-T_OUTBOX = Outbox.__table__  # type: ignore[attr-defined]
-T_THREAD_KEY = ThreadKey.__table__  # type: ignore[attr-defined]
 
 # Serialised once with CRLF line ends: the bytes on the wire, byte for byte, on every attempt.
 _WIRE_POLICY = email.policy.SMTP
@@ -324,20 +321,21 @@ class OutboxWorker:
     def _claim(self, lease: timedelta) -> list[_Claimed]:
         now = self.clock()
         until = now + lease
-        table = Outbox.__table__  # type: ignore[attr-defined]
-        free = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
-        due = (table.c.status == OutboxStatus.QUEUED) & (table.c.next_attempt_at <= now) & free
-        pick = (select(table.c.id).where(due)
-                .order_by(table.c.next_attempt_at, table.c.id).limit(self.batch))
+        free = or_(T_OUTBOX.c.claimed_until.is_(None), T_OUTBOX.c.claimed_until < now)
+        due = ((T_OUTBOX.c.status == OutboxStatus.QUEUED) & (T_OUTBOX.c.next_attempt_at <= now)
+               & free)
+        pick = (select(T_OUTBOX.c.id).where(due)
+                .order_by(T_OUTBOX.c.next_attempt_at, T_OUTBOX.c.id).limit(self.batch))
         if self._postgres:
             # Rows another instance is claiming right now are skipped, not waited for.
             pick = pick.with_for_update(skip_locked=True)
         # One statement: on SQLite it takes the write lock before it reads, so two claimers
         # serialise instead of both reading the same rows (and one failing to upgrade its
         # read lock); the repeated `due` makes PostgreSQL re-check a row it waited for.
-        stmt = (update(table).where(table.c.id.in_(pick), due).values(claimed_until=until)
-                .returning(table.c.id, table.c.message_id, table.c.ticket_id, table.c.kind,
-                           table.c.mail_from, table.c.rcpt_to, table.c.raw, table.c.attempts))
+        stmt = (update(T_OUTBOX).where(T_OUTBOX.c.id.in_(pick), due).values(claimed_until=until)
+                .returning(T_OUTBOX.c.id, T_OUTBOX.c.message_id, T_OUTBOX.c.ticket_id,
+                           T_OUTBOX.c.kind, T_OUTBOX.c.mail_from, T_OUTBOX.c.rcpt_to,
+                           T_OUTBOX.c.raw, T_OUTBOX.c.attempts))
         with self.engine.begin() as conn:
             claimed = conn.execute(stmt).all()
         out = [_Claimed(id=r.id, message_id=r.message_id, ticket_id=r.ticket_id, kind=r.kind,
@@ -348,19 +346,18 @@ class OutboxWorker:
     def _record(self, row: _Claimed, result: Result, attempts: int,
                 delay: timedelta | None) -> bool:
         now = self.clock()
-        table = Outbox.__table__  # type: ignore[attr-defined]
         if result.outcome == "sent":
             # Recorded even if our lease was taken over: the mail is out, and marking it sent
             # stops the other claimer's retry from sending it a third time.
-            cond = (table.c.id == row.id) & (table.c.status == OutboxStatus.QUEUED)
+            cond = (T_OUTBOX.c.id == row.id) & (T_OUTBOX.c.status == OutboxStatus.QUEUED)
             values: dict[str, Any] = {"status": OutboxStatus.SENT, "sent_at": now,
                                       "attempts": attempts, "claimed_until": None,
                                       "last_error": result.refused}
         else:
             # A failure only counts if we still hold the lease; otherwise another worker owns
             # the row and its outcome wins.
-            cond = ((table.c.id == row.id) & (table.c.status == OutboxStatus.QUEUED)
-                    & (table.c.claimed_until == row.lease))
+            cond = ((T_OUTBOX.c.id == row.id) & (T_OUTBOX.c.status == OutboxStatus.QUEUED)
+                    & (T_OUTBOX.c.claimed_until == row.lease))
             values = {"attempts": attempts, "claimed_until": None,
                       "last_error": result.detail[:4000]}
             if result.outcome == "retry":
@@ -369,7 +366,7 @@ class OutboxWorker:
             else:
                 values["status"] = OutboxStatus.PARKED
         with self.engine.begin() as conn:
-            return conn.execute(update(table).where(cond).values(**values)).rowcount == 1
+            return conn.execute(update(T_OUTBOX).where(cond).values(**values)).rowcount == 1
 
 
 def requeue(session: Session, outbox_id: int, now: datetime) -> bool:

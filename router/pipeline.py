@@ -36,10 +36,11 @@ from router.db import is_sqlite, make_engine
 from router.intake.accept import IntakeSignal
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
+    T_CUSTOMER,
+    T_EVENT,
+    T_INBOUND,
     Article,
     Customer,
-    Event,
-    Inbound,
     InboundStatus,
     Ticket,
     loaded,
@@ -57,9 +58,6 @@ from router.rules import Context
 from router.rules.alerts import send_alerts
 from router.settings import Settings
 
-INBOUND = Inbound.__table__  # type: ignore[attr-defined]
-CUSTOMER = Customer.__table__  # type: ignore[attr-defined]
-EVENT = Event.__table__  # type: ignore[attr-defined]
 UNKNOWN_SENDER = "unknown-sender@invalid"
 T = TypeVar("T")
 
@@ -170,10 +168,10 @@ class ParentPending(Exception):
 
 
 # Built once: the hot path's statements cost more to build than to run.
-_PENDING_PARENT = select(INBOUND.c.id).where(
-    INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
-    INBOUND.c.status == InboundStatus.NEW, INBOUND.c.id < bindparam("id")).limit(1)
-_INBOUND_DONE = update(INBOUND).where(INBOUND.c.id == bindparam("iid")).values(
+_PENDING_PARENT = select(T_INBOUND.c.id).where(
+    T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
+    T_INBOUND.c.status == InboundStatus.NEW, T_INBOUND.c.id < bindparam("id")).limit(1)
+_INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
 
@@ -248,24 +246,24 @@ class Pipeline:
 
     def process_batch(self) -> int:
         index, count = self.part
-        query = select(INBOUND.c.id, INBOUND.c.size).where(
-            INBOUND.c.status == InboundStatus.NEW)
+        query = select(T_INBOUND.c.id, T_INBOUND.c.size).where(
+            T_INBOUND.c.status == InboundStatus.NEW)
         if count > 1:
-            query = query.where(INBOUND.c.id % count == index)
+            query = query.where(T_INBOUND.c.id % count == index)
         with self.read_engine.connect() as conn:
             ids = []
             size = 0
             # The batch holds every message parsed at once: bounded in bytes as well, so a
             # few large mails do not make a worker's memory balloon.
-            for row in conn.execute(query.order_by(INBOUND.c.id).limit(self.batch_size)):
+            for row in conn.execute(query.order_by(T_INBOUND.c.id).limit(self.batch_size)):
                 if ids and size + row.size > self.batch_bytes:
                     break
                 ids.append(row.id)
                 size += row.size
             if not ids:
                 return 0
-            rows = conn.execute(select(*INBOUND.c).where(INBOUND.c.id.in_(ids))
-                                .order_by(INBOUND.c.id)).all()
+            rows = conn.execute(select(*T_INBOUND.c).where(T_INBOUND.c.id.in_(ids))
+                                .order_by(T_INBOUND.c.id)).all()
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()
@@ -273,15 +271,15 @@ class Pipeline:
             # write lock is taken: intake's commits wait for the database writes only.
             prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
         ids = sorted(prepared)
-        cols = [c for c in INBOUND.c if c.name != "raw"]
+        cols = [c for c in T_INBOUND.c if c.name != "raw"]
         done_before = self.processed + self.parked
         while ids:
             # On SQLite the write lock is given up as soon as intake waits for it (or after
             # one slice of time), so senders' 250s wait for one message, not for a batch.
             with self.write_engine.begin() as conn:
-                query = (select(*cols).where(INBOUND.c.id.in_(ids))
-                         .where(INBOUND.c.status == InboundStatus.NEW)
-                         .order_by(INBOUND.c.id))
+                query = (select(*cols).where(T_INBOUND.c.id.in_(ids))
+                         .where(T_INBOUND.c.status == InboundStatus.NEW)
+                         .order_by(T_INBOUND.c.id))
                 if not self.sqlite:
                     query = query.with_for_update(skip_locked=True)
                 slice_end = time.monotonic() + self.lock_slice
@@ -322,8 +320,8 @@ class Pipeline:
         if out.match is not None:
             return out  # a reply: nothing to classify
         sender = sender_of(parsed, inbound)
-        row = conn.execute(select(CUSTOMER.c.vip, CUSTOMER.c.attributes, CUSTOMER.c.language)
-                           .where(CUSTOMER.c.email == sender)).first()
+        row = conn.execute(select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes, T_CUSTOMER.c.language)
+                           .where(T_CUSTOMER.c.email == sender)).first()
         out.customer = _facts(row.vip, row.attributes, row.language) if row is not None \
             else _facts(False, None, None)
         try:
@@ -357,7 +355,7 @@ class Pipeline:
             self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
         except Exception as exc:
             savepoint.rollback()
-            conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+            conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.PARKED, error=traceback.format_exc(),
                 attempts=inbound.attempts + 1, processed_at=self.clock()))
             self.parked += 1
@@ -376,7 +374,7 @@ class Pipeline:
                          expire_on_commit=False) as session:
                 event = handle_dsn(session, parsed, at)
                 session.commit()
-            conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+            conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.DONE, processed_at=self.clock(),
                 ticket_id=event.ticket_id if event is not None else None))
             return None
@@ -407,17 +405,17 @@ class Pipeline:
                 decision = self._classify(conn, parsed, inbound, settings, facts)
             if decision.spam is not None:
                 # Stored, not routed, never acknowledged; the event keeps the decision.
-                conn.execute(update(INBOUND).where(INBOUND.c.id == inbound.id).values(
+                conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                     status=InboundStatus.SPAM, error=decision.spam[:2000],
                     processed_at=self.clock()))
-                conn.execute(insert(EVENT).values(
+                conn.execute(insert(T_EVENT).values(
                     at=at, ticket_id=None, kind="spam",
                     data={"inbound_id": inbound.id, "reason": decision.spam,
                           "hits": decision.hits_json()}))
                 return None
             language = decision.language or customer.language
             if language and not customer.language:
-                conn.execute(update(CUSTOMER).where(CUSTOMER.c.id == customer.id)
+                conn.execute(update(T_CUSTOMER).where(T_CUSTOMER.c.id == customer.id)
                              .values(language=language))
                 customer.language = customer.row["language"] = language
             written = open_ticket(
@@ -474,8 +472,8 @@ class Pipeline:
 
 def retry_parked(engine: Engine, inbound_ids: list[int] | None = None) -> int:
     """Put parked messages back in line (after an admin fixed the cause)."""
-    stmt = update(INBOUND).where(INBOUND.c.status == InboundStatus.PARKED)
+    stmt = update(T_INBOUND).where(T_INBOUND.c.status == InboundStatus.PARKED)
     if inbound_ids:
-        stmt = stmt.where(INBOUND.c.id.in_(inbound_ids))
+        stmt = stmt.where(T_INBOUND.c.id.in_(inbound_ids))
     with engine.begin() as conn:
         return int(conn.execute(stmt.values(status=InboundStatus.NEW)).rowcount)

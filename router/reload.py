@@ -70,10 +70,7 @@ from watchdog.observers.api import BaseObserver
 from router import log
 from router import settings as config
 from router.clock import Clock, system_clock
-from router.models import ConfigVersion, Event
-
-CONFIG_VERSION = ConfigVersion.__table__  # type: ignore[attr-defined]
-EVENT = Event.__table__  # type: ignore[attr-defined]
+from router.models import T_CONFIG_VERSION, T_EVENT
 
 KIND_APPLIED = "config_applied"
 KIND_REJECTED = "config_rejected"
@@ -295,18 +292,18 @@ class Recorder:
         s = applied.settings
         with self.engine.begin() as conn:
             if s.digest:
-                exists = conn.execute(select(CONFIG_VERSION.c.id)
-                                      .where(CONFIG_VERSION.c.digest == s.digest)).first()
+                exists = conn.execute(select(T_CONFIG_VERSION.c.id)
+                                      .where(T_CONFIG_VERSION.c.digest == s.digest)).first()
                 if exists is None:
                     try:
                         with conn.begin_nested():
-                            conn.execute(insert(CONFIG_VERSION).values(
+                            conn.execute(insert(T_CONFIG_VERSION).values(
                                 digest=s.digest, source=s.source,
                                 applied_at=applied.applied_at))
                     except IntegrityError:  # another instance recorded it first
                         pass
-            conn.execute(insert(EVENT).values(at=applied.applied_at, ticket_id=None,
-                                              kind=KIND_APPLIED, data={
+            conn.execute(insert(T_EVENT).values(at=applied.applied_at, ticket_id=None,
+                                                kind=KIND_APPLIED, data={
                 "version": applied.version, "digest": s.digest, "source": s.source,
                 "templates_digest": applied.templates_digest, "trigger": applied.trigger,
                 "serial": applied.serial, "restart_needed": list(applied.restart_needed),
@@ -320,7 +317,7 @@ class Recorder:
         if key == self._last_rejected:
             return False
         with self.engine.begin() as conn:
-            conn.execute(insert(EVENT).values(at=at, ticket_id=None, kind=KIND_REJECTED, data={
+            conn.execute(insert(T_EVENT).values(at=at, ticket_id=None, kind=KIND_REJECTED, data={
                 "digest": digest, "version": digest[:16] if digest else None,
                 "templates_digest": templates, "trigger": trigger,
                 "problems": [p.as_dict() for p in problems],

@@ -12,16 +12,15 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from router.models import Ticket
-
-T = Ticket.__table__  # type: ignore[attr-defined]
+from router.models import T_TICKET
 
 
 def team_report(engine: Engine, *, since: datetime | None = None) -> list[dict[str, Any]]:
-    q = select(T.c.team, T.c.created_at, T.c.first_response_at, T.c.promised_at,
-               T.c.promise_kept, T.c.promise_basis, T.c.status)
+    q = select(T_TICKET.c.team, T_TICKET.c.created_at, T_TICKET.c.first_response_at,
+               T_TICKET.c.promised_at, T_TICKET.c.promise_kept, T_TICKET.c.promise_basis,
+               T_TICKET.c.status)
     if since is not None:
-        q = q.where(T.c.created_at >= since)
+        q = q.where(T_TICKET.c.created_at >= since)
     teams: dict[str, dict[str, Any]] = {}
     waits: dict[str, list[float]] = {}
     with engine.connect() as conn:

@@ -26,11 +26,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from router import settings as config
-from router.models import ConfigVersion, Event
+from router.models import T_CONFIG_VERSION, T_EVENT
 from router.reload import KIND_APPLIED, KIND_REJECTED, text_digest
-
-EVENT = Event.__table__  # type: ignore[attr-defined]
-CONFIG_VERSION = ConfigVersion.__table__  # type: ignore[attr-defined]
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -98,17 +95,17 @@ def read_status(url: str, config_file: Path | None = None, *, scan: int = 500
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                select(EVENT.c.id, EVENT.c.at, EVENT.c.kind, EVENT.c.data)
-                .where(EVENT.c.ticket_id.is_(None))
-                .where(EVENT.c.kind.in_([KIND_APPLIED, KIND_REJECTED]))
-                .order_by(EVENT.c.id.desc()).limit(scan)).all()
+                select(T_EVENT.c.id, T_EVENT.c.at, T_EVENT.c.kind, T_EVENT.c.data)
+                .where(T_EVENT.c.ticket_id.is_(None))
+                .where(T_EVENT.c.kind.in_([KIND_APPLIED, KIND_REJECTED]))
+                .order_by(T_EVENT.c.id.desc()).limit(scan)).all()
             applied = next((r for r in rows if r.kind == KIND_APPLIED), None)
             rejected = next((r for r in rows if r.kind == KIND_REJECTED), None)
             first_applied = None
             if applied is not None:
                 first_applied = conn.execute(
-                    select(CONFIG_VERSION.c.applied_at)
-                    .where(CONFIG_VERSION.c.digest == applied.data.get("digest"))).scalar()
+                    select(T_CONFIG_VERSION.c.applied_at)
+                    .where(T_CONFIG_VERSION.c.digest == applied.data.get("digest"))).scalar()
     finally:
         engine.dispose()
 

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, bindparam, func, select
 
-from router.models import Ticket, TicketStatus
+from router.models import T_TICKET, TicketStatus
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -185,16 +185,19 @@ def promise_kept(promised_at: datetime, first_response_at: datetime) -> bool:
 _HISTORY: dict[tuple[str, str], tuple[tuple[Any, ...], list[float], list[datetime]]] = {}
 
 # Built once: every acknowledgement asks, and building a statement costs more than running it.
-_T = Ticket.__table__  # type: ignore[attr-defined]
-_ANSWERED = and_(_T.c.team == bindparam("team"), _T.c.created_at >= bindparam("since"),
-                 _T.c.created_at <= bindparam("now"), _T.c.first_response_at.is_not(None),
-                 _T.c.first_response_at <= bindparam("now"))
-_SIGNATURE = select(func.count(), func.max(_T.c.first_response_at), func.min(_T.c.created_at),
-                    func.max(_T.c.id)).where(_ANSWERED)
-_SAMPLES = select(_T.c.created_at, _T.c.first_response_at).where(_ANSWERED)
-_BACKLOG = select(func.count()).select_from(_T).where(
-    _T.c.team == bindparam("team"), _T.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
-    _T.c.first_response_at.is_(None), _T.c.id != bindparam("exclude"))
+_ANSWERED = and_(T_TICKET.c.team == bindparam("team"),
+                 T_TICKET.c.created_at >= bindparam("since"),
+                 T_TICKET.c.created_at <= bindparam("now"),
+                 T_TICKET.c.first_response_at.is_not(None),
+                 T_TICKET.c.first_response_at <= bindparam("now"))
+_SIGNATURE = select(func.count(), func.max(T_TICKET.c.first_response_at),
+                    func.min(T_TICKET.c.created_at),
+                    func.max(T_TICKET.c.id)).where(_ANSWERED)
+_SAMPLES = select(T_TICKET.c.created_at, T_TICKET.c.first_response_at).where(_ANSWERED)
+_BACKLOG = select(func.count()).select_from(T_TICKET).where(
+    T_TICKET.c.team == bindparam("team"),
+    T_TICKET.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
+    T_TICKET.c.first_response_at.is_(None), T_TICKET.c.id != bindparam("exclude"))
 
 
 def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,

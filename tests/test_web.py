@@ -24,6 +24,8 @@ from starlette.testclient import TestClient
 from router import accounts, db
 from router.clock import system_clock
 from router.models import (
+    T_CUSTOMER,
+    T_TICKET,
     Article,
     ArticleKind,
     Customer,
@@ -455,7 +457,7 @@ def test_queue_pages_stay_fast_at_100k_tickets(web: Console) -> None:
     """Keyset pages over 100,000 tickets: every page is a few index range scans."""
     now = datetime.now(UTC)
     with web.store.engine.begin() as conn:
-        cid = conn.execute(insert(Customer.__table__).returning(Customer.__table__.c.id), {
+        cid = conn.execute(insert(T_CUSTOMER).returning(T_CUSTOMER.c.id), {
             "email": "bulk@example.org", "name": "Bulk", "language": None, "vip": False,
             "created_at": now, "last_seen_at": now, "attributes": {}}).scalar_one()
         teams = ["support", "billing", "ops"]
@@ -466,7 +468,7 @@ def test_queue_pages_stay_fast_at_100k_tickets(web: Console) -> None:
                  "updated_at": now - timedelta(seconds=(i * 7919) % 100_000),
                  "last_customer_at": now}
                 for i in range(100_000)]
-        conn.execute(insert(Ticket.__table__), rows)
+        conn.execute(insert(T_TICKET), rows)
     c = TestClient(web.client.app)
     h = {"Authorization": f"Bearer {web.tokens[AGENT]}"}
     for sort in ("newest", "updated"):

@@ -27,9 +27,7 @@ from router import log
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
 from router.mail import dedupe_key, quick_headers
-from router.models import Inbound, InboundStatus
-
-INBOUND = Inbound.__table__  # type: ignore[attr-defined]
+from router.models import T_INBOUND, InboundStatus
 
 
 class StorageUnavailable(Exception):
@@ -80,10 +78,10 @@ def _merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def insert_statement(engine: Engine) -> Any:
     """INSERT that counts a repeated delivery instead of storing the mail twice."""
     dialect = sqlite if is_sqlite(str(engine.url)) else postgresql
-    stmt = dialect.insert(INBOUND)
+    stmt = dialect.insert(T_INBOUND)
     return stmt.on_conflict_do_update(
-        index_elements=[INBOUND.c.dedupe_key],
-        set_={"deliveries": INBOUND.c.deliveries + stmt.excluded.deliveries},
+        index_elements=[T_INBOUND.c.dedupe_key],
+        set_={"deliveries": T_INBOUND.c.deliveries + stmt.excluded.deliveries},
     )
 
 

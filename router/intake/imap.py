@@ -54,10 +54,8 @@ from router import log
 from router.clock import Clock, system_clock
 from router.db import is_sqlite
 from router.intake.accept import Envelope, StorageUnavailable, write_rows
-from router.models import ImapCursor
+from router.models import T_IMAP_CURSOR
 from router.settings import ImapAccount, Settings
-
-CURSOR = ImapCursor.__table__  # type: ignore[attr-defined]
 
 Accept = Callable[[Envelope], Awaitable[None]]
 ErrorHook = Callable[[str, BaseException], None]
@@ -491,8 +489,9 @@ class ImapIntake:
         a = self.account
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(CURSOR.c.uidvalidity, CURSOR.c.last_uid)
-                .where(CURSOR.c.account == a.name, CURSOR.c.folder == a.folder)).first()
+                select(T_IMAP_CURSOR.c.uidvalidity, T_IMAP_CURSOR.c.last_uid)
+                .where(T_IMAP_CURSOR.c.account == a.name,
+                       T_IMAP_CURSOR.c.folder == a.folder)).first()
         if row is None:
             self._save_cursor(uidvalidity, 0)
             return 0
@@ -506,9 +505,9 @@ class ImapIntake:
 
     def _save_cursor(self, uidvalidity: int, last_uid: int) -> None:
         dialect = sqlite if self._is_sqlite else postgresql
-        stmt = dialect.insert(CURSOR)
+        stmt = dialect.insert(T_IMAP_CURSOR)
         stmt = stmt.on_conflict_do_update(
-            index_elements=[CURSOR.c.account, CURSOR.c.folder],
+            index_elements=[T_IMAP_CURSOR.c.account, T_IMAP_CURSOR.c.folder],
             set_={"uidvalidity": stmt.excluded.uidvalidity, "last_uid": stmt.excluded.last_uid,
                   "updated_at": stmt.excluded.updated_at})
         write_rows(self.engine, stmt, [{
@@ -520,8 +519,8 @@ def load_cursor(engine: Engine, account: str, folder: str = "INBOX") -> tuple[in
     """(uidvalidity, last_uid) stored for an account's folder, or None."""
     with engine.connect() as conn:
         row = conn.execute(
-            select(CURSOR.c.uidvalidity, CURSOR.c.last_uid)
-            .where(CURSOR.c.account == account, CURSOR.c.folder == folder)).first()
+            select(T_IMAP_CURSOR.c.uidvalidity, T_IMAP_CURSOR.c.last_uid)
+            .where(T_IMAP_CURSOR.c.account == account, T_IMAP_CURSOR.c.folder == folder)).first()
     return None if row is None else (int(row.uidvalidity), int(row.last_uid))
 
 
