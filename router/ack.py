@@ -295,7 +295,7 @@ def build_message(*, settings: Settings, team: Team, ticket: Ticket, customer: C
 
 def compute_promise(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
                     now: datetime) -> Promise:
-    calendar = BusinessCalendar.for_team(team)
+    calendar = BusinessCalendar.cached_for_team(team)
     samples, backlog, rate = turnaround.history(session, team.name, now, calendar,
                                                 HISTORY_WINDOW, exclude_id=ticket.id)
     return turnaround.estimate(now, calendar, samples, backlog, rate, team.sla.first_response,

@@ -56,6 +56,9 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+_TEAM_CALENDARS: dict[str, BusinessCalendar] = {}
+
+
 class BusinessCalendar:
     """Open time of one team.
 
@@ -97,6 +100,20 @@ class BusinessCalendar:
 
     def cache_key(self) -> str | None:
         return self._cache_key
+
+    @classmethod
+    def cached_for_team(cls, team: Team) -> BusinessCalendar:
+        """`for_team`, kept per calendar definition: every routed message asks (promise,
+        rules), building one loads holiday tables, and a calendar keeps its days' spans."""
+        key = (f"{team.name}|{team.timezone}|{team.business_hours!r}|"
+               f"{team.holidays.model_dump_json()}")
+        calendar = _TEAM_CALENDARS.get(key)
+        if calendar is None:
+            calendar = cls.for_team(team)  # a calendar that is never open raises, uncached
+            if len(_TEAM_CALENDARS) > 256:
+                _TEAM_CALENDARS.clear()
+            _TEAM_CALENDARS[key] = calendar
+        return calendar
 
     @classmethod
     def for_team(cls, team: Team) -> BusinessCalendar:

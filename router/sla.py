@@ -88,7 +88,7 @@ def meter_for(team: Team) -> Meter:
     meter = _meters.get(key)
     if meter is None:
         try:
-            meter = Meter(BusinessCalendar.for_team(team))
+            meter = Meter(BusinessCalendar.cached_for_team(team))
         except ValueError as exc:
             # A calendar that is never open would make every deadline infinite; counting
             # around the clock escalates too early rather than never. `router check` names it.

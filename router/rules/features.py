@@ -57,7 +57,7 @@ class Features:
         if team is None:
             return None, f"team {self.resolved.team} is not configured"
         try:
-            cal = BusinessCalendar.for_team(team)
+            cal = BusinessCalendar.cached_for_team(team)
         except ValueError as exc:
             return None, str(exc)
         local = self.context.now.astimezone(cal.tz)
