@@ -86,7 +86,10 @@ class Handled:
         by a query. It joins the session, unchanged, when a hook first asks for it."""
         obj = loaded(model, values)
         self._rows[(model, values["id"])] = obj
-        self._detached.append(obj)
+        if self._session is not None:
+            self._session.add(obj)
+        else:
+            self._detached.append(obj)
 
     def session(self) -> Session:
         """One ORM session for every hook of this message, on the routing connection: the
@@ -97,19 +100,18 @@ class Handled:
             # commit makes the rows durable, the message's savepoint rolls them back.
             self._session = Session(bind=self.conn, join_transaction_mode="rollback_only",
                                     expire_on_commit=False)
+            # In the session before any hook queries it: a query would load a second copy.
+            self._session.add_all(self._detached)
+            self._detached.clear()
         return self._session
 
     def get(self, model: type[T], ident: int) -> T | None:
         """`session().get`, but held here: the session's identity map is weak, and a row no
         hook changed would otherwise be loaded again by the next hook."""
         key = (model, ident)
-        if self._detached:
-            session = self.session()
-            for obj in self._detached:
-                session.add(obj)
-            self._detached.clear()
+        session = self.session()  # the rows routing wrote join it here, before any change
         if key not in self._rows:
-            self._rows[key] = self.session().get(model, ident)
+            self._rows[key] = session.get(model, ident)
         return cast("T | None", self._rows[key])
 
     def finish(self) -> None:

@@ -264,6 +264,37 @@ def test_attachments_are_stored_with_hash_and_size(store: Store) -> None:
         (e.sha256, e.size) for e in expected]
 
 
+def test_hooks_share_the_rows_routing_wrote_and_their_changes_are_stored(
+        store: Store) -> None:
+    """The ticket, article and customer routing wrote are handed to the hooks without a
+    query; a hook that queries the session itself gets the same objects, and what hooks
+    change is written."""
+    seen: list[Any] = []
+
+    def querying(conn: Any, handled: Handled) -> None:
+        ticket = handled.session().exec(
+            select(Ticket).where(Ticket.id == handled.ticket_id)).one()
+        ticket.priority = "high"
+        seen.append(ticket)
+
+    def getting(conn: Any, handled: Handled) -> None:
+        ticket = handled.get(Ticket, handled.ticket_id)
+        customer = handled.get(Customer, handled.customer.id)
+        assert ticket is seen[-1] and customer is not None
+        ticket.tags = ["checked"]
+        customer.name = "Alice Changed"
+
+    store.accept(make_mail(subject="rows in hand"))
+    pipeline = store.new_pipeline(hooks=[querying, getting])
+    try:
+        assert pipeline.drain() == 1
+    finally:
+        pipeline.close()
+    [ticket] = all_of(store, Ticket)
+    assert (ticket.priority, ticket.tags) == ("high", ["checked"])
+    assert [c.name for c in all_of(store, Customer)] == ["Alice Changed"]
+
+
 def test_a_batch_is_bounded_in_bytes_as_well_as_in_messages(store: Store) -> None:
     small = [make_mail(subject=f"small {i}", message_id=f"<small.{i}@example.org>")
              for i in range(3)]
