@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -136,8 +137,11 @@ class Daemon:
 
             web = await web_console.start(self.current_settings, url, wake_outbox=outbox.wake,
                                           wake_scheduler=scheduler.wake)
+        supervisor = asyncio.create_task(self._supervise([*workers, *intakes]),
+                                         name="supervisor")
         await self.stop.wait()
         self._log.info("router_stopping")
+        await supervisor
         if web is not None:
             await web.stop()
         if server is not None:
@@ -156,6 +160,33 @@ class Daemon:
         engine.dispose()
         self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits,
                        intake_exit=intake_exits)
+
+
+    async def _supervise(self, children: list[PipelineProcess | IntakeProcess],
+                         every: float = 1.0) -> None:
+        """Start a pipeline worker or intake process again when it dies (killed by the OOM
+        killer, say): without it, routing or a share of the port would stop unnoticed.
+        Nothing is lost meanwhile: stored mail waits for a worker, and senders that reached
+        the dead intake retry. A child that keeps dying is started at most once a minute."""
+        started: dict[int, list[float]] = {}
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), every)
+            if self.stop.is_set():
+                return
+            for i, child in enumerate(children):
+                if child.process.is_alive():
+                    continue
+                now = loop.time()
+                recent = [t for t in started.get(i, []) if now - t < 60]
+                if len(recent) >= 3 and now - recent[-1] < 60:
+                    continue  # crash loop: try again a minute after the last start
+                self._log.error("child_died", kind=child.kind, pid=child.process.pid,
+                                exitcode=child.process.exitcode)
+                await asyncio.to_thread(child.restart, self.settings)
+                started[i] = [*recent, now]
+                self._log.warning("child_restarted", kind=child.kind, pid=child.process.pid)
 
 
 def serve(path: Path, *, log_level: str = "info", log_json: bool | None = None) -> int:

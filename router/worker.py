@@ -95,6 +95,7 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
         take_updates()
         return live.current()
 
+    logger.info("pipeline_worker_started", pid=os.getpid(), part=f"{part[0]}/{part[1]}")
     pipeline = Pipeline(settings.database_url, current_settings,
                         batch_size=settings.pipeline.batch_size, hooks=default_hooks(),
                         part=part, intake=intake)
@@ -123,20 +124,37 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
 
 
 class PipelineProcess:
+    kind = "pipeline"
+
     def __init__(self, config_path: Path, *, nice: int = 5, log_level: str = "info",
                  log_json: bool | None = None, part: tuple[int, int] = (0, 1),
                  intake: IntakeSignal | None = None) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.wake = ctx.Event()
-        self.stop_event = ctx.Event()
-        self.updates: Any = ctx.Queue()
-        self.process = ctx.Process(
+        self._ctx = multiprocessing.get_context("spawn")
+        self.wake = self._ctx.Event()
+        self.stop_event = self._ctx.Event()
+        self.updates: Any = self._ctx.Queue()
+        self._args = (str(config_path), nice, log_level, log_json, part, intake)
+        self.process = self._new_process()
+
+    def _new_process(self) -> Any:
+        path, nice, log_level, log_json, part, intake = self._args
+        return self._ctx.Process(
             target=pipeline_main, name="router-pipeline",
-            args=(str(config_path), self.wake, self.stop_event, nice, log_level, log_json,
+            args=(path, self.wake, self.stop_event, nice, log_level, log_json,
                   self.updates, os.getpid(), part, intake))
 
     def start(self) -> None:
         self.process.start()
+
+    def restart(self, settings: config.Settings) -> None:
+        """The worker died: start another in its place, with a new queue (the dead one may
+        have held the old one's lock) and the daemon's current config."""
+        self.updates.cancel_join_thread()
+        self.updates.close()
+        self.updates = self._ctx.Queue()
+        self.process = self._new_process()
+        self.process.start()
+        self.update(settings)
 
     def notify(self) -> None:
         self.wake.set()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import smtplib
 import threading
 from collections import Counter
@@ -104,3 +106,46 @@ def test_two_intake_processes_share_the_port_and_follow_reloads(tmp_path: Path) 
     # Both processes took connections: the kernel spread 100 of them over the two.
     accepted = _accepted_per_process(log)
     assert len(accepted) == 2 and sum(accepted) == 100 and min(accepted) > 0, accepted
+
+
+def _pids(log: str, event: str) -> list[int]:
+    return [int(e["pid"]) for e in _events(log) if e.get("event") == event]
+
+
+@pytest.mark.slow
+def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> None:
+    """SIGKILL to a pipeline worker and to the second intake process (as the OOM killer
+    would): the daemon starts both again, and mail keeps being accepted and routed."""
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    cfg = write_config(tmp_path / "etc", db_url=url, smtp_processes=2)
+    proc = start_router(cfg)
+    try:
+        wait_until(lambda: _pids(proc.log, "intake_process_started")
+                   and _pids(proc.log, "pipeline_worker_started"), 30,
+                   what="the children's start")
+        [intake] = _pids(proc.log, "intake_process_started")
+        [worker] = _pids(proc.log, "pipeline_worker_started")
+        os.kill(intake, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: len(_pids(proc.log, "intake_process_started")) == 2
+                   and len(_pids(proc.log, "pipeline_worker_started")) == 2, 30,
+                   what="both children started again")
+        died = {(e["kind"], e["pid"]) for e in _events(proc.log)
+                if e.get("event") == "child_died"}
+        assert died == {("intake", intake), ("pipeline", worker)}
+        acked = _send_many(proc.port, "billing@acme.test", "again", 40)
+
+        engine = db.make_engine(url)
+
+        def routed() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "select count(*) from inbound where status = 'done'")).scalar_one() == 40
+        wait_until(routed, 60, what="the mail routed by the new worker")
+        engine.dispose()
+        log = proc.stop()
+    finally:
+        proc.kill()
+    assert len(acked) == 40
+    # The new intake process took its share of the connections.
+    assert min(_accepted_per_process(log)) > 0

@@ -101,19 +101,37 @@ def intake_main(config_path: str, stop_event: MpEvent, wakes: list[MpEvent], upd
 class IntakeProcess:
     """A child accepting SMTP on the daemon's port; `index` is its slot in `signal_`."""
 
+    kind = "intake"
+
     def __init__(self, config_path: Path, *, index: int, signal_: IntakeSignal,
                  wakes: list[MpEvent], log_level: str = "info",
                  log_json: bool | None = None) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.stop_event = ctx.Event()
-        self.updates: Any = ctx.Queue()
-        self.process = ctx.Process(
+        self._ctx = multiprocessing.get_context("spawn")
+        self.stop_event = self._ctx.Event()
+        self.updates: Any = self._ctx.Queue()
+        self._args = (str(config_path), wakes, signal_, index, log_level, log_json)
+        self.process = self._new_process()
+
+    def _new_process(self) -> Any:
+        path, wakes, signal_, index, log_level, log_json = self._args
+        # Its slot may say "blocked" if it died waiting for the lock: the new one starts clean.
+        signal_.slot(index).set_blocked(False)
+        return self._ctx.Process(
             target=intake_main, name=f"router-intake-{index}",
-            args=(str(config_path), self.stop_event, wakes, self.updates, os.getpid(),
-                  signal_, index, log_level, log_json))
+            args=(path, self.stop_event, wakes, self.updates, os.getpid(), signal_, index,
+                  log_level, log_json))
 
     def start(self) -> None:
         self.process.start()
+
+    def restart(self, settings: config.Settings) -> None:
+        """The child died: start another on the port, with a new queue and current config."""
+        self.updates.cancel_join_thread()
+        self.updates.close()
+        self.updates = self._ctx.Queue()
+        self.process = self._new_process()
+        self.process.start()
+        self.update(settings)
 
     def update(self, settings: config.Settings) -> None:
         self.updates.put(settings)
