@@ -107,7 +107,7 @@ def _worker(url: str, settings: config.Settings, batch: int, part: tuple[int, in
             if not left:
                 break
             time.sleep(0.001)
-    done.put((pipe.processed, pipe.parked, time.process_time() - t0))
+    done.put((pipe.processed, pipe.parked, time.process_time() - t0, pipe.deferred))
     pipe.close()
 
 
@@ -131,7 +131,8 @@ def _run_workers(url: str, settings: config.Settings, batch: int, workers: int,
     cpu = sum(r[2] for r in results)
     print(f"{routed} messages routed by {workers} workers in {wall:.2f} s: "
           f"{routed / wall:.1f} msg/s, {cpu / routed * 1000:.2f} ms CPU per message "
-          f"(parked {sum(r[1] for r in results)})")
+          f"(parked {sum(r[1] for r in results)}; replies deferred until their original "
+          f"was routed: {sum(r[3] for r in results)} times)")
 
 
 def _empty(url: str) -> None:

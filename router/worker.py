@@ -19,7 +19,6 @@ import os
 import queue
 import signal
 import threading
-from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +26,7 @@ from router import log
 from router import settings as config
 from router.intake.accept import IntakeSignal
 from router.reload import LiveConfig
+from router.signals import Doorbell, Flag
 
 PR_SET_PDEATHSIG = 1
 
@@ -53,7 +53,7 @@ def first_settings(config_path: str, updates: Any) -> config.Settings:
     return config.load(config_path)
 
 
-def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
+def pipeline_main(config_path: str, wake: Doorbell, stop: Flag, nice: int,
                   log_level: str, log_json: bool | None, updates: Any = None,
                   parent: int | None = None, part: tuple[int, int] = (0, 1),
                   intake: IntakeSignal | None = None) -> None:
@@ -105,7 +105,6 @@ def pipeline_main(config_path: str, wake: MpEvent, stop: MpEvent, nice: int,
         # Bridge the cross-process event to the pipeline's own, and watch for orphaning.
         while not done.is_set():
             if wake.wait(0.2):
-                wake.clear()
                 take_updates()
                 pipeline.wake.set()
             else:
@@ -130,8 +129,8 @@ class PipelineProcess:
                  log_json: bool | None = None, part: tuple[int, int] = (0, 1),
                  intake: IntakeSignal | None = None) -> None:
         self._ctx = multiprocessing.get_context("spawn")
-        self.wake = self._ctx.Event()
-        self.stop_event = self._ctx.Event()
+        self.wake = Doorbell()
+        self.stop_event = Flag()
         self.updates: Any = self._ctx.Queue()
         self._args = (str(config_path), nice, log_level, log_json, part, intake)
         self.process = self._new_process()
@@ -157,16 +156,16 @@ class PipelineProcess:
         self.update(settings)
 
     def notify(self) -> None:
-        self.wake.set()
+        self.wake.ring()
 
     def update(self, settings: config.Settings) -> None:
         """Hand the worker a validated config; it swaps it in before its next batch."""
         self.updates.put(settings)
-        self.wake.set()
+        self.wake.ring()
 
     def stop(self, timeout: float = 30) -> int | None:
         self.stop_event.set()
-        self.wake.set()
+        self.wake.ring()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from router import db
+from router.signals import Doorbell, Flag
 from router.worker import pipeline_main
 from tests.conftest import write_config
 from tests.daemon import start_router
@@ -144,7 +145,7 @@ def test_worker_whose_daemon_died_before_it_started_exits() -> None:
     gone.start()
     gone.join()
     assert gone.pid is not None
-    wake, stop = ctx.Event(), ctx.Event()  # held until the child has them
+    wake, stop = Doorbell(), Flag()  # held until the child has them
     worker = ctx.Process(target=pipeline_main, args=(
         "/nonexistent/router.toml", wake, stop, 0, "warning", True, None, gone.pid))
     worker.start()

@@ -117,7 +117,10 @@ def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> Non
     """SIGKILL to a pipeline worker and to the second intake process (as the OOM killer
     would): the daemon starts both again, and mail keeps being accepted and routed."""
     url = f"sqlite:///{tmp_path / 'router.db'}"
-    cfg = write_config(tmp_path / "etc", db_url=url, smtp_processes=2)
+    # Full CPU priority for the worker: this is about restarts, and a busy CI machine would
+    # otherwise leave a nice-19 worker to route the mail at a crawl.
+    cfg = write_config(tmp_path / "etc", db_url=url, smtp_processes=2,
+                       extra="[pipeline]\nnice = 0\n")
     proc = start_router(cfg)
     try:
         wait_until(lambda: _pids(proc.log, "intake_process_started")
@@ -133,19 +136,19 @@ def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> Non
         died = {(e["kind"], e["pid"]) for e in _events(proc.log)
                 if e.get("event") == "child_died"}
         assert died == {("intake", intake), ("pipeline", worker)}
-        acked = _send_many(proc.port, "billing@acme.test", "again", 40)
+        acked = _send_many(proc.port, "billing@acme.test", "again", 30)
 
         engine = db.make_engine(url)
 
         def routed() -> bool:
             with engine.connect() as conn:
                 return conn.execute(text(
-                    "select count(*) from inbound where status = 'done'")).scalar_one() == 40
-        wait_until(routed, 60, what="the mail routed by the new worker")
+                    "select count(*) from inbound where status = 'done'")).scalar_one() == 30
+        wait_until(routed, 90, what="the mail routed by the new worker")
         engine.dispose()
         log = proc.stop()
     finally:
         proc.kill()
-    assert len(acked) == 40
+    assert len(acked) == 30
     # The new intake process took its share of the connections.
     assert min(_accepted_per_process(log)) > 0

@@ -19,7 +19,6 @@ import queue
 import signal
 import sys
 import threading
-from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,18 @@ from router.intake.accept import Acceptor, IntakeSignal, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
 from router.reload import LiveConfig
 from router.rules.address import resolve_address
+from router.signals import Doorbell, Flag
 from router.worker import die_with_parent, first_settings, forward_hup
 
 
-async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[MpEvent],
+async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[Doorbell],
                  signal_: IntakeSignal, index: int) -> int:
     s = live.current()
     engine = intake_engine(s.database_url)
 
     def committed(_n: int) -> None:
         for w in wakes:
-            w.set()
+            w.ring()
 
     acceptor = Acceptor(engine, on_commit=committed, signal=signal_.slot(index))
     await acceptor.start()
@@ -62,7 +62,7 @@ async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[MpEvent],
     return acceptor.accepted
 
 
-def intake_main(config_path: str, stop_event: MpEvent, wakes: list[MpEvent], updates: Any,
+def intake_main(config_path: str, stop_event: Flag, wakes: list[Doorbell], updates: Any,
                 parent: int, signal_: IntakeSignal, index: int, log_level: str,
                 log_json: bool | None) -> None:
     die_with_parent()
@@ -104,10 +104,10 @@ class IntakeProcess:
     kind = "intake"
 
     def __init__(self, config_path: Path, *, index: int, signal_: IntakeSignal,
-                 wakes: list[MpEvent], log_level: str = "info",
+                 wakes: list[Doorbell], log_level: str = "info",
                  log_json: bool | None = None) -> None:
         self._ctx = multiprocessing.get_context("spawn")
-        self.stop_event = self._ctx.Event()
+        self.stop_event = Flag()
         self.updates: Any = self._ctx.Queue()
         self._args = (str(config_path), wakes, signal_, index, log_level, log_json)
         self.process = self._new_process()
