@@ -161,13 +161,13 @@ class Daemon:
         self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits,
                        intake_exit=intake_exits)
 
-
     async def _supervise(self, children: list[PipelineProcess | IntakeProcess],
                          every: float = 1.0) -> None:
         """Start a pipeline worker or intake process again when it dies (killed by the OOM
         killer, say): without it, routing or a share of the port would stop unnoticed.
         Nothing is lost meanwhile: stored mail waits for a worker, and senders that reached
-        the dead intake retry. A child that keeps dying is started at most once a minute."""
+        the dead intake retry. A child that keeps dying is started at most three times a
+        minute."""
         started: dict[int, list[float]] = {}
         loop = asyncio.get_running_loop()
         while not self.stop.is_set():
@@ -180,11 +180,11 @@ class Daemon:
                     continue
                 now = loop.time()
                 recent = [t for t in started.get(i, []) if now - t < 60]
-                if len(recent) >= 3 and now - recent[-1] < 60:
-                    continue  # crash loop: try again a minute after the last start
+                if len(recent) >= 3:
+                    continue  # a crash loop: no faster than three starts a minute
                 self._log.error("child_died", kind=child.kind, pid=child.process.pid,
                                 exitcode=child.process.exitcode)
-                await asyncio.to_thread(child.restart, self.settings)
+                await asyncio.to_thread(child.restart, self.current_settings)
                 started[i] = [*recent, now]
                 self._log.warning("child_restarted", kind=child.kind, pid=child.process.pid)
 

@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -132,6 +133,7 @@ class PipelineProcess:
         self.wake = Doorbell()
         self.stop_event = Flag()
         self.updates: Any = self._ctx.Queue()
+        self._swap = threading.Lock()  # a restart replaces `updates` while reloads put
         self._args = (str(config_path), nice, log_level, log_json, part, intake)
         self.process = self._new_process()
 
@@ -145,22 +147,25 @@ class PipelineProcess:
     def start(self) -> None:
         self.process.start()
 
-    def restart(self, settings: config.Settings) -> None:
+    def restart(self, current: Callable[[], config.Settings]) -> None:
         """The worker died: start another in its place, with a new queue (the dead one may
         have held the old one's lock) and the daemon's current config."""
-        self.updates.cancel_join_thread()
-        self.updates.close()
-        self.updates = self._ctx.Queue()
-        self.process = self._new_process()
-        self.process.start()
-        self.update(settings)
+        with self._swap:
+            self.updates.cancel_join_thread()
+            self.updates.close()
+            self.updates = self._ctx.Queue()
+            self.process = self._new_process()
+            self.process.start()
+        # The config as it is now: one a reload sent meanwhile went to the old queue.
+        self.update(current())
 
     def notify(self) -> None:
         self.wake.ring()
 
     def update(self, settings: config.Settings) -> None:
         """Hand the worker a validated config; it swaps it in before its next batch."""
-        self.updates.put(settings)
+        with self._swap:
+            self.updates.put(settings)
         self.wake.ring()
 
     def stop(self, timeout: float = 30) -> int | None:

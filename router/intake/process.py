@@ -19,6 +19,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ class IntakeProcess:
         self._ctx = multiprocessing.get_context("spawn")
         self.stop_event = Flag()
         self.updates: Any = self._ctx.Queue()
+        self._swap = threading.Lock()  # a restart replaces `updates` while reloads put
         self._args = (str(config_path), wakes, signal_, index, log_level, log_json)
         self.process = self._new_process()
 
@@ -124,17 +126,20 @@ class IntakeProcess:
     def start(self) -> None:
         self.process.start()
 
-    def restart(self, settings: config.Settings) -> None:
+    def restart(self, current: Callable[[], config.Settings]) -> None:
         """The child died: start another on the port, with a new queue and current config."""
-        self.updates.cancel_join_thread()
-        self.updates.close()
-        self.updates = self._ctx.Queue()
-        self.process = self._new_process()
-        self.process.start()
-        self.update(settings)
+        with self._swap:
+            self.updates.cancel_join_thread()
+            self.updates.close()
+            self.updates = self._ctx.Queue()
+            self.process = self._new_process()
+            self.process.start()
+        # The config as it is now: one a reload sent meanwhile went to the old queue.
+        self.update(current())
 
     def update(self, settings: config.Settings) -> None:
-        self.updates.put(settings)
+        with self._swap:
+            self.updates.put(settings)
 
     def stop(self, timeout: float = 30) -> int | None:
         """Stop accepting, answer the senders still waiting for a commit, exit."""
