@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
 import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from router import log
 from router import settings as config
+from router.child import ChildProcess
 from router.intake.accept import IntakeSignal
 from router.reload import LiveConfig
 from router.signals import Doorbell, Flag
@@ -123,19 +122,15 @@ def pipeline_main(config_path: str, wake: Doorbell, stop: Flag, nice: int,
         pipeline.close()
 
 
-class PipelineProcess:
+class PipelineProcess(ChildProcess):
     kind = "pipeline"
 
     def __init__(self, config_path: Path, *, nice: int = 5, log_level: str = "info",
                  log_json: bool | None = None, part: tuple[int, int] = (0, 1),
                  intake: IntakeSignal | None = None) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
+        super().__init__()
         self.wake = Doorbell()
-        self.stop_event = Flag()
-        self.updates: Any = self._ctx.Queue()
-        self._swap = threading.Lock()  # a restart replaces `updates` while reloads put
         self._args = (str(config_path), nice, log_level, log_json, part, intake)
-        self.process = self._new_process()
 
     def _new_process(self) -> Any:
         path, nice, log_level, log_json, part, intake = self._args
@@ -144,37 +139,8 @@ class PipelineProcess:
             args=(path, self.wake, self.stop_event, nice, log_level, log_json,
                   self.updates, os.getpid(), part, intake))
 
-    def start(self) -> None:
-        self.process.start()
-
-    def restart(self, current: Callable[[], config.Settings]) -> None:
-        """The worker died: start another in its place, with a new queue (the dead one may
-        have held the old one's lock) and the daemon's current config."""
-        with self._swap:
-            self.updates.cancel_join_thread()
-            self.updates.close()
-            self.updates = self._ctx.Queue()
-            self.process = self._new_process()
-            self.process.start()
-        # The config as it is now: one a reload sent meanwhile went to the old queue.
-        self.update(current())
+    def _wake(self) -> None:
+        self.wake.ring()
 
     def notify(self) -> None:
         self.wake.ring()
-
-    def update(self, settings: config.Settings) -> None:
-        """Hand the worker a validated config; it swaps it in before its next batch."""
-        with self._swap:
-            self.updates.put(settings)
-        self.wake.ring()
-
-    def stop(self, timeout: float = 30) -> int | None:
-        self.stop_event.set()
-        self.wake.ring()
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.updates.cancel_join_thread()  # a dead reader must not hold up our exit
-        self.updates.close()
-        return self.process.exitcode

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import queue
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from router import log
-from router import settings as config
+from router.child import ChildProcess
 from router.intake.accept import Acceptor, IntakeSignal, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
 from router.reload import LiveConfig
@@ -99,20 +97,17 @@ def intake_main(config_path: str, stop_event: Flag, wakes: list[Doorbell], updat
     runner(_serve(live, stop, wakes, signal_, index))
 
 
-class IntakeProcess:
-    """A child accepting SMTP on the daemon's port; `index` is its slot in `signal_`."""
+class IntakeProcess(ChildProcess):
+    """A child accepting SMTP on the daemon's port; `index` is its slot in `signal_`. Its
+    `stop` closes the listener and answers the senders still waiting for a commit."""
 
     kind = "intake"
 
     def __init__(self, config_path: Path, *, index: int, signal_: IntakeSignal,
                  wakes: list[Doorbell], log_level: str = "info",
                  log_json: bool | None = None) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
-        self.stop_event = Flag()
-        self.updates: Any = self._ctx.Queue()
-        self._swap = threading.Lock()  # a restart replaces `updates` while reloads put
+        super().__init__()
         self._args = (str(config_path), wakes, signal_, index, log_level, log_json)
-        self.process = self._new_process()
 
     def _new_process(self) -> Any:
         path, wakes, signal_, index, log_level, log_json = self._args
@@ -122,32 +117,3 @@ class IntakeProcess:
             target=intake_main, name=f"router-intake-{index}",
             args=(path, self.stop_event, wakes, self.updates, os.getpid(), signal_, index,
                   log_level, log_json))
-
-    def start(self) -> None:
-        self.process.start()
-
-    def restart(self, current: Callable[[], config.Settings]) -> None:
-        """The child died: start another on the port, with a new queue and current config."""
-        with self._swap:
-            self.updates.cancel_join_thread()
-            self.updates.close()
-            self.updates = self._ctx.Queue()
-            self.process = self._new_process()
-            self.process.start()
-        # The config as it is now: one a reload sent meanwhile went to the old queue.
-        self.update(current())
-
-    def update(self, settings: config.Settings) -> None:
-        with self._swap:
-            self.updates.put(settings)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """Stop accepting, answer the senders still waiting for a commit, exit."""
-        self.stop_event.set()
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.updates.cancel_join_thread()
-        self.updates.close()
-        return self.process.exitcode
