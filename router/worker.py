@@ -63,7 +63,10 @@ def pipeline_main(config_path: str, wake: Doorbell, stop: Flag, nice: int,
     parent = parent if parent is not None else os.getppid()
     if os.getppid() != parent:
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # The daemon decides when we stop, and in which order: systemd's stop sends SIGTERM to
+    # every process of the unit at once, and we would die mid-batch before it asked us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Reloading is the daemon's job (router.reload): it validates, records and then sends
     # each applied config through `updates`. A SIGHUP sent to us goes to it.
     signal.signal(signal.SIGHUP, lambda *_: forward_hup(parent))

@@ -8,6 +8,7 @@ import os
 import signal
 import smtplib
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,29 @@ def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> Non
     assert len(acked) == 30
     # The new intake process took its share of the connections.
     assert min(_accepted_per_process(log)) > 0
+
+
+@pytest.mark.slow
+def test_children_wait_for_the_daemon_to_stop_them(tmp_path: Path) -> None:
+    """systemd stops a unit by sending SIGTERM to all its processes at once: the children
+    ignore it, and the daemon stops them in order (each exits 0)."""
+    cfg = write_config(tmp_path / "etc", smtp_processes=2)
+    proc = start_router(cfg)
+    try:
+        wait_until(lambda: _pids(proc.log, "intake_process_started")
+                   and _pids(proc.log, "pipeline_worker_started"), 30,
+                   what="the children's start")
+        children = [*_pids(proc.log, "intake_process_started"),
+                    *_pids(proc.log, "pipeline_worker_started")]
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        _send_many(proc.port, "oops@acme.test", "term", 10)
+        time.sleep(1.5)  # longer than the supervisor's look: a dead child would be noticed
+        assert '"child_died"' not in proc.log
+        for pid in children:
+            os.kill(pid, 0)  # still running (raises ProcessLookupError if not)
+        log = proc.stop()
+    finally:
+        proc.kill()
+    [stopped] = [e for e in _events(log) if e.get("event") == "router_stopped"]
+    assert stopped["intake_exit"] == [0] and stopped["pipeline_exit"] == [0]

@@ -67,7 +67,10 @@ def intake_main(config_path: str, stop_event: Flag, wakes: list[Doorbell], updat
     die_with_parent()
     if os.getppid() != parent:
         return  # the daemon died before we could tie our life to it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    # The daemon decides when we stop (after its own listener closed, answering every
+    # sender still waiting), not systemd's SIGTERM to every process of the unit at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda *_: forward_hup(parent))
     log.setup(log_level, json=log_json)
     live = LiveConfig(first_settings(config_path, updates))
