@@ -173,6 +173,8 @@ class ParentPending(Exception):
 _PENDING_PARENT = select(T_INBOUND.c.id).where(
     T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
     T_INBOUND.c.status == InboundStatus.NEW, T_INBOUND.c.id < bindparam("id")).limit(1)
+_CUSTOMER_FACTS = select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes,
+                         T_CUSTOMER.c.language).where(T_CUSTOMER.c.email == bindparam("email"))
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
@@ -322,8 +324,7 @@ class Pipeline:
         if out.match is not None:
             return out  # a reply: nothing to classify
         sender = sender_of(parsed, inbound)
-        row = conn.execute(select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes, T_CUSTOMER.c.language)
-                           .where(T_CUSTOMER.c.email == sender)).first()
+        row = conn.execute(_CUSTOMER_FACTS, {"email": sender}).first()
         out.customer = _facts(row.vip, row.attributes, row.language) if row is not None \
             else _facts(False, None, None)
         try:
@@ -419,7 +420,7 @@ class Pipeline:
             if language and not customer.language:
                 conn.execute(update(T_CUSTOMER).where(T_CUSTOMER.c.id == customer.id)
                              .values(language=language))
-                customer.language = customer.row["language"] = language
+                customer.row["language"] = language
             written = open_ticket(
                 conn, decision=decision, customer=customer, parsed=parsed, inbound=inbound,
                 language=language, config_version=version, now=at)
@@ -431,8 +432,7 @@ class Pipeline:
                           settings, at, decision if new else None, conn)
         handled.know(Ticket, written.ticket)
         handled.know(Article, written.article)
-        if customer.row:
-            handled.know(Customer, customer.row)
+        handled.know(Customer, customer.row)
         try:
             for hook in self.hooks:
                 hook(conn, handled)

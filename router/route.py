@@ -14,7 +14,7 @@ costs 5–15× per row here (PERF-NOTES), and a message touches about ten rows.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -103,11 +103,25 @@ def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> Thr
 
 @dataclass
 class CustomerRef:
-    id: int
-    email: str
-    name: str
-    language: str | None
-    row: dict[str, Any] = field(default_factory=dict)  # every column, as now written
+    """The customer's record as routing last wrote it: every column, in `row`."""
+
+    row: dict[str, Any]
+
+    @property
+    def id(self) -> int:
+        return int(self.row["id"])
+
+    @property
+    def email(self) -> str:
+        return str(self.row["email"])
+
+    @property
+    def name(self) -> str:
+        return str(self.row["name"])
+
+    @property
+    def language(self) -> str | None:
+        return self.row["language"]
 
 
 def customer_for(conn: Connection, email: str, name: str, now: datetime) -> CustomerRef:
@@ -117,13 +131,16 @@ def customer_for(conn: Connection, email: str, name: str, now: datetime) -> Cust
     row = conn.execute(_upsert_customer(conn.dialect.name), {
         "email": email, "name": name, "language": None, "vip": False, "created_at": now,
         "last_seen_at": now, "attributes": {}}).one()
-    return CustomerRef(row.id, email, row.name, row.language, dict(row._mapping))
+    return CustomerRef(dict(row._mapping))
+
+
+def _dialect(name: str) -> Any:
+    return postgresql if name == "postgresql" else sqlite
 
 
 @lru_cache(maxsize=4)
 def _upsert_customer(dialect_name: str) -> Any:
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    stmt = dialect.insert(T_CUSTOMER)
+    stmt = _dialect(dialect_name).insert(T_CUSTOMER)
     return stmt.on_conflict_do_update(
         index_elements=[T_CUSTOMER.c.email],
         # A name once known stays; the first one given fills an empty one.
@@ -133,9 +150,10 @@ def _upsert_customer(dialect_name: str) -> Any:
     ).returning(*T_CUSTOMER.c)
 
 
-def _insert_ignore(conn: Connection, table: Any) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+@lru_cache(maxsize=8)
+def _insert_ignore(dialect_name: str, table: Any) -> Any:
+    # Built once per dialect and table: every message writes its thread key through it.
+    return _dialect(dialect_name).insert(table).on_conflict_do_nothing()
 
 
 @dataclass
@@ -168,7 +186,7 @@ def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMa
              "size": a.size, "sha256": a.sha256, "inline": a.inline, "data": a.data}
             for a in parsed.attachments])
     if parsed.message_id:
-        conn.execute(_insert_ignore(conn, T_THREAD_KEY),
+        conn.execute(_insert_ignore(conn.dialect.name, T_THREAD_KEY),
                      {"message_id": parsed.message_id, "ticket_id": ticket_id})
     return values
 
