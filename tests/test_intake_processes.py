@@ -19,7 +19,7 @@ from sqlalchemy import text
 from router import db
 from router import settings as config
 from tests.conftest import write_config
-from tests.daemon import make_mail, start_router, wait_until
+from tests.daemon import RouterProcess, make_mail, start_router, wait_until
 
 
 def _send_many(port: int, rcpt: str, tag: str, n: int, threads: int = 6) -> list[str]:
@@ -85,17 +85,12 @@ def test_two_intake_processes_share_the_port_and_follow_reloads(tmp_path: Path) 
                    30, what="the child's config reload")
         second = _send_many(proc.port, "help@acme.test", "after", 40)
 
-        engine = db.make_engine(url)
-
-        def routed() -> bool:
-            with engine.connect() as conn:
-                return conn.execute(text(
-                    "select count(*) from inbound where status = 'done'")).scalar_one() == 100
-        wait_until(routed, 60, what="all 100 messages routed")
+        _wait_routed(url, 100, 60)
         log = proc.stop()
     finally:
         proc.kill()
 
+    engine = db.make_engine(url)
     with engine.connect() as conn:
         rows = conn.execute(text("select message_id, ticket_id from inbound")).all()
         teams = Counter(r[0] for r in conn.execute(text("select team from ticket")))
@@ -113,6 +108,29 @@ def _pids(log: str, event: str) -> list[int]:
     return [int(e["pid"]) for e in _events(log) if e.get("event") == event]
 
 
+def _children(proc: RouterProcess) -> tuple[int, int]:
+    """(intake process, pipeline worker) of a daemon with one of each, once both started."""
+    wait_until(lambda: _pids(proc.log, "intake_process_started")
+               and _pids(proc.log, "pipeline_worker_started"), 30,
+               what="the children's start")
+    [intake] = _pids(proc.log, "intake_process_started")
+    [worker] = _pids(proc.log, "pipeline_worker_started")
+    return intake, worker
+
+
+def _wait_routed(url: str, n: int, timeout: float) -> None:
+    engine = db.make_engine(url)
+
+    def routed() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "select count(*) from inbound where status = 'done'")).scalar_one() == n
+    try:
+        wait_until(routed, timeout, what=f"all {n} messages routed")
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.slow
 def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> None:
     """SIGKILL to a pipeline worker and to the second intake process (as the OOM killer
@@ -124,11 +142,7 @@ def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> Non
                        extra="[pipeline]\nnice = 0\n")
     proc = start_router(cfg)
     try:
-        wait_until(lambda: _pids(proc.log, "intake_process_started")
-                   and _pids(proc.log, "pipeline_worker_started"), 30,
-                   what="the children's start")
-        [intake] = _pids(proc.log, "intake_process_started")
-        [worker] = _pids(proc.log, "pipeline_worker_started")
+        intake, worker = _children(proc)
         os.kill(intake, signal.SIGKILL)
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: len(_pids(proc.log, "intake_process_started")) == 2
@@ -139,14 +153,7 @@ def test_a_dead_worker_or_intake_process_is_started_again(tmp_path: Path) -> Non
         assert died == {("intake", intake), ("pipeline", worker)}
         acked = _send_many(proc.port, "billing@acme.test", "again", 30)
 
-        engine = db.make_engine(url)
-
-        def routed() -> bool:
-            with engine.connect() as conn:
-                return conn.execute(text(
-                    "select count(*) from inbound where status = 'done'")).scalar_one() == 30
-        wait_until(routed, 90, what="the mail routed by the new worker")
-        engine.dispose()
+        _wait_routed(url, 30, 90)
         log = proc.stop()
     finally:
         proc.kill()
@@ -162,11 +169,7 @@ def test_children_wait_for_the_daemon_to_stop_them(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "etc", smtp_processes=2)
     proc = start_router(cfg)
     try:
-        wait_until(lambda: _pids(proc.log, "intake_process_started")
-                   and _pids(proc.log, "pipeline_worker_started"), 30,
-                   what="the children's start")
-        children = [*_pids(proc.log, "intake_process_started"),
-                    *_pids(proc.log, "pipeline_worker_started")]
+        children = _children(proc)
         for pid in children:
             os.kill(pid, signal.SIGTERM)
         _send_many(proc.port, "oops@acme.test", "term", 10)
