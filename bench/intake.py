@@ -48,6 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from router.intake.spool import spool_paths  # noqa: E402
+
 SMTPLOAD_SRC = REPO / "bench" / "smtpload.c"
 BUILD_DIR = REPO / "bench" / ".build"
 DOMAIN = "acme.example"
@@ -326,13 +330,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def pipeline_done(db: Path) -> tuple[int, int]:
+    """(messages stored, messages not routed yet), counting those still in intake's spools."""
     conn = sqlite3.connect(db, timeout=30)
     try:
         total = conn.execute("select count(*) from inbound").fetchone()[0]
         pending = conn.execute("select count(*) from inbound where status = 'new'").fetchone()[0]
-        return total, pending
+        moved = dict(conn.execute("select spool, moved_through from spool_cursor").fetchall())
     finally:
         conn.close()
+    for path in spool_paths(f"sqlite:///{db}"):
+        spool = sqlite3.connect(path, timeout=30)
+        try:
+            spool_id = spool.execute("select value from spool_meta where key = 'id'").fetchone()
+            waiting = spool.execute("select count(*) from spooled where id > ?",
+                                    (moved.get(spool_id[0], 0) if spool_id else 0,)).fetchone()[0]
+        except sqlite3.OperationalError:
+            continue  # not created yet
+        finally:
+            spool.close()
+        total += waiting
+        pending += waiting
+    return total, pending
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = False,

@@ -14,10 +14,11 @@ from router import db, log
 from router import settings as config
 from router.clock import system_clock
 from router.escalate import EscalationScheduler
-from router.intake.accept import Acceptor, IntakeSignal, intake_engine
+from router.intake.accept import Acceptor, intake_engine
 from router.intake.imap import ImapManager
 from router.intake.process import IntakeProcess
 from router.intake.smtp import IntakeHandler, start_server
+from router.intake.spool import Spool, spool_path
 from router.outbox import OutboxWorker
 from router.reload import Applied, Recorder, Reloader
 from router.rules.address import resolve_address
@@ -68,11 +69,8 @@ class Daemon:
         reloader = Reloader(self.path, s, recorder=Recorder(url))
         self.settings = reloader.live.current()
 
-        # intake → workers: "I am waiting for the write lock"; a slot per intake process.
-        signal_ = IntakeSignal(s.smtp.processes)
         workers = [PipelineProcess(self.path, nice=s.pipeline.nice, log_level=self.log_level,
-                                   log_json=self.log_json, part=(i, s.pipeline.workers),
-                                   intake=signal_)
+                                   log_json=self.log_json, part=(i, s.pipeline.workers))
                    for i in range(s.pipeline.workers)]
         for w in workers:
             w.start()
@@ -80,8 +78,8 @@ class Daemon:
 
         # More intake processes on the SMTP port ([smtp] processes): started once this
         # process listens, so a port that cannot be bound fails the daemon, not a child.
-        intakes = [IntakeProcess(self.path, index=i, signal_=signal_,
-                                 wakes=[w.wake for w in workers], log_level=self.log_level,
+        intakes = [IntakeProcess(self.path, index=i, wakes=[w.wake for w in workers],
+                                 log_level=self.log_level,
                                  log_json=self.log_json)
                    for i in range(1, s.smtp.processes if s.smtp.enabled else 1)]
 
@@ -101,7 +99,11 @@ class Daemon:
                 w.notify()
 
         engine = intake_engine(url)
-        acceptor = Acceptor(engine, on_commit=committed, signal=signal_.slot(0))
+        # On SQLite this process's SMTP and IMAP intake commit into spool 0, never waiting
+        # for the pipeline's write lock (router.intake.spool).
+        spool_file = spool_path(url, 0)
+        spool = Spool(spool_file) if spool_file is not None else None
+        acceptor = Acceptor(engine, on_commit=committed, spool=spool)
         await acceptor.start()
         # IMAP mailboxes go through the same acceptor: same durability, same dedupe, and
         # their commits wake the pipeline too. Accounts follow config reloads by themselves.
@@ -158,6 +160,8 @@ class Daemon:
         esc_engine.dispose()
         outbox_engine.dispose()
         engine.dispose()
+        if spool is not None:
+            spool.close()
         self._log.info("router_stopped", accepted=acceptor.accepted, pipeline_exit=exits,
                        intake_exit=intake_exits)
 

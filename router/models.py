@@ -85,6 +85,17 @@ class Inbound(SQLModel, table=True):
     __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
 
 
+class SpoolCursor(SQLModel, table=True):
+    """How far the pipeline moved an SMTP intake spool into `inbound` (router.intake.spool):
+    written in the transaction that inserts the moved rows, so each is moved exactly once."""
+
+    __tablename__ = "spool_cursor"
+    spool: str = Field(primary_key=True, max_length=64)    # the spool file's own id
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    moved_through: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    moved_at: datetime = _utc(nullable=False)
+
+
 class Customer(SQLModel, table=True):
     """One record per mail address, across every role address and channel."""
 
@@ -398,6 +409,7 @@ T_OUTBOX = table_of(Outbox)
 T_EVENT = table_of(Event)
 T_CONFIG_VERSION = table_of(ConfigVersion)
 T_IMAP_CURSOR = table_of(ImapCursor)
+T_SPOOL_CURSOR = table_of(SpoolCursor)
 T_CLASSIFIER_MODEL = table_of(ClassifierModel)
 T_SLA_CLOCK = table_of(SlaClock)
 T_ESCALATION = table_of(Escalation)

@@ -9,7 +9,9 @@ those messages again from the stored bytes.
 
 On PostgreSQL the batch is claimed with ``FOR UPDATE SKIP LOCKED`` so several daemon
 instances share the work, in one transaction. On SQLite the write transaction begins
-IMMEDIATE and ends early when the daemon's intake waits for the lock (`IntakeSignal`).
+IMMEDIATE and lasts one slice of time at most, so other writers (the console, the outbox,
+`router ingest`) wait little; SMTP intake never waits for it: it commits into spools, which
+each batch first moves into ``inbound`` (router.intake.spool).
 Several workers of one instance split the messages by id (`part`); a reply whose original is
 still new waits for it (`ParentPending`), so it threads rather than opening a ticket.
 """
@@ -33,7 +35,7 @@ from router.bounce import handle_dsn, is_dsn
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
-from router.intake.accept import IntakeSignal
+from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
     T_CUSTOMER,
@@ -208,8 +210,7 @@ class Hook(Protocol):
 class Pipeline:
     def __init__(self, url: str, settings_provider: Callable[[], Settings], *,
                  clock: Clock = system_clock, batch_size: int = 32,
-                 hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1),
-                 intake: IntakeSignal | None = None) -> None:
+                 hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1)) -> None:
         self.read_engine: Engine = make_engine(url)
         self.write_engine: Engine = make_engine(url, immediate=True)
         self.sqlite = is_sqlite(url)
@@ -220,13 +221,12 @@ class Pipeline:
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
-        # SQLite has one writer. The daemon's intake says when it waits for the lock
-        # (`intake`): the worker then commits after the message in hand and lets it in.
-        # Other writers (`router ingest`, the console) wait one slice of time at most.
-        # PostgreSQL locks rows, so a batch is one transaction there.
-        self.intake = intake if self.sqlite else None
+        # SQLite has one writer: the others (`router ingest`, the console, the outbox) wait
+        # one slice of time at most. PostgreSQL locks rows, so a batch is one transaction.
         self.lock_slice = 0.050 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
+        # SMTP intake on SQLite commits into spools of its own; moving them is our job.
+        self.mover = SpoolMover(url, self.write_engine, clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
         self.wake = threading.Event()
         self._log = log.get("router.pipeline")
@@ -243,12 +243,16 @@ class Pipeline:
         tone.analyze("hello", "warming up the tone model", "en")
 
     def close(self) -> None:
+        if self.mover is not None:
+            self.mover.close()
         self.read_engine.dispose()
         self.write_engine.dispose()
 
     # ------------------------------------------------------------------ one batch
 
     def process_batch(self) -> int:
+        if self.mover is not None:
+            self.mover.move()
         index, count = self.part
         query = select(T_INBOUND.c.id, T_INBOUND.c.size).where(
             T_INBOUND.c.status == InboundStatus.NEW)
@@ -278,8 +282,7 @@ class Pipeline:
         cols = [c for c in T_INBOUND.c if c.name != "raw"]
         done_before = self.processed + self.parked
         while ids:
-            # On SQLite the write lock is given up as soon as intake waits for it (or after
-            # one slice of time), so senders' 250s wait for one message, not for a batch.
+            # On SQLite the write lock is given up after one slice of time.
             with self.write_engine.begin() as conn:
                 query = (select(*cols).where(T_INBOUND.c.id.in_(ids))
                          .where(T_INBOUND.c.status == InboundStatus.NEW)
@@ -290,25 +293,13 @@ class Pipeline:
                 last = ids[-1]
                 for inbound in conn.execute(query).all():
                     self._handle_one(conn, inbound, prepared[inbound.id], settings)
-                    if time.monotonic() > slice_end or (
-                            self.intake is not None and self.intake.blocked()):
+                    if time.monotonic() > slice_end:
                         last = inbound.id
                         break
-                commits = self.intake.commits() if self.intake is not None else 0
             ids = [i for i in ids if i > last]
             if ids:
-                self._give_way(commits)
+                time.sleep(self.lock_pause)  # let a waiting writer in
         return self.processed + self.parked - done_before
-
-    def _give_way(self, commits: int) -> None:
-        """Between two write transactions of a batch: let a waiting intake commit first."""
-        if self.intake is None:
-            time.sleep(self.lock_pause)
-            return
-        until = time.monotonic() + 0.02
-        while (self.intake.blocked() and self.intake.commits() == commits
-               and time.monotonic() < until):
-            time.sleep(0.0002)
 
     def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
         """Parse, and classify what looks like a new ticket, on a read connection. The

@@ -24,7 +24,6 @@ from typing import Any, cast
 from router import log
 from router import settings as config
 from router.child import ChildProcess
-from router.intake.accept import IntakeSignal
 from router.reload import LiveConfig
 from router.signals import Doorbell, Flag
 
@@ -55,8 +54,7 @@ def first_settings(config_path: str, updates: Any) -> config.Settings:
 
 def pipeline_main(config_path: str, wake: Doorbell, stop: Flag, nice: int,
                   log_level: str, log_json: bool | None, updates: Any = None,
-                  parent: int | None = None, part: tuple[int, int] = (0, 1),
-                  intake: IntakeSignal | None = None) -> None:
+                  parent: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
     die_with_parent()
     # The parent is named by the daemon, not read here: a daemon killed before the line
     # above ran would leave us adopted by init, and getppid() would then name init.
@@ -101,7 +99,7 @@ def pipeline_main(config_path: str, wake: Doorbell, stop: Flag, nice: int,
     logger.info("pipeline_worker_started", pid=os.getpid(), part=f"{part[0]}/{part[1]}")
     pipeline = Pipeline(settings.database_url, current_settings,
                         batch_size=settings.pipeline.batch_size, hooks=default_hooks(),
-                        part=part, intake=intake)
+                        part=part)
     done = threading.Event()
 
     def relay_wake() -> None:
@@ -129,18 +127,17 @@ class PipelineProcess(ChildProcess):
     kind = "pipeline"
 
     def __init__(self, config_path: Path, *, nice: int = 5, log_level: str = "info",
-                 log_json: bool | None = None, part: tuple[int, int] = (0, 1),
-                 intake: IntakeSignal | None = None) -> None:
+                 log_json: bool | None = None, part: tuple[int, int] = (0, 1)) -> None:
         super().__init__()
         self.wake = Doorbell()
-        self._args = (str(config_path), nice, log_level, log_json, part, intake)
+        self._args = (str(config_path), nice, log_level, log_json, part)
 
     def _new_process(self) -> Any:
-        path, nice, log_level, log_json, part, intake = self._args
+        path, nice, log_level, log_json, part = self._args
         return self._ctx.Process(
             target=pipeline_main, name="router-pipeline",
             args=(path, self.wake, self.stop_event, nice, log_level, log_json,
-                  self.updates, os.getpid(), part, intake))
+                  self.updates, os.getpid(), part))
 
     def _wake(self) -> None:
         self.wake.ring()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,6 +27,9 @@ from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
 from router.mail import dedupe_key, quick_headers
 from router.models import T_INBOUND, InboundStatus
+
+if TYPE_CHECKING:
+    from router.intake.spool import Spool
 
 
 class StorageUnavailable(Exception):
@@ -61,7 +63,7 @@ def _row(env: Envelope, now: datetime) -> dict[str, Any]:
     }
 
 
-def _merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per dedupe key: a batch may hold the same mail twice (two RCPT deliveries
     racing), and PostgreSQL refuses to upsert one row twice in a statement."""
     by_key: dict[str, dict[str, Any]] = {}
@@ -70,7 +72,7 @@ def _merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if seen is None:
             by_key[r["dedupe_key"]] = r
         else:
-            seen["deliveries"] += 1
+            seen["deliveries"] += r["deliveries"]
             seen["rcpt_to"] = list(dict.fromkeys([*seen["rcpt_to"], *r["rcpt_to"]]))
     return list(by_key.values())
 
@@ -89,71 +91,27 @@ def _locked(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
 
 
-class IntakeSlot:
-    """One intake writer's part of `IntakeSignal`: only that writer's thread writes it."""
-
-    def __init__(self, blocked: Any, commits: Any, index: int) -> None:
-        self._blocked, self._commits, self._i = blocked, commits, index
-
-    def set_blocked(self, blocked: bool) -> None:
-        self._blocked[self._i] = int(blocked)
-
-    def committed(self) -> None:
-        self._commits[self._i] += 1
-
-
-class IntakeSignal:
-    """Shared memory from the daemon's intake to its pipeline workers: whether intake is
-    waiting for SQLite's write lock right now. A worker that sees it commits what it has and
-    lets intake in, so senders wait for one message's routing at most, not for a batch's.
-    One slot per intake process (`slot`), each written by that process's writer alone, so
-    no write races another. Create it before the processes start (it is handed to them as
-    they are spawned)."""
-
-    def __init__(self, slots: int = 1) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._blocked = ctx.RawArray("i", slots)
-        self._commits = ctx.RawArray("q", slots)
-
-    def slot(self, index: int) -> IntakeSlot:
-        return IntakeSlot(self._blocked, self._commits, index)
-
-    def blocked(self) -> bool:
-        return any(self._blocked)
-
-    def commits(self) -> int:
-        return int(sum(self._commits))
-
-
 def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
-               lock_wait: float = 10.0, signal: IntakeSlot | None = None) -> None:
+               lock_wait: float = 10.0) -> None:
     """Commit the rows or raise StorageUnavailable.
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
-    tenth of a second on every sender waiting in this batch whenever the pipeline holds the
-    write lock for a moment. Intake engines therefore fail fast on a held lock and retry here
-    in sub-millisecond steps, and tell the pipeline workers (`signal`) that they wait."""
+    tenth of a second on every sender waiting in this batch whenever another writer holds
+    the lock for a moment (the pipeline, or the spool's mover deleting moved rows). Intake
+    engines therefore fail fast on a held lock and retry here in sub-millisecond steps."""
     deadline = time.monotonic() + lock_wait
     pause = 0.0002
-    try:
-        while True:
-            try:
-                with engine.begin() as conn:
-                    conn.execute(stmt, rows)
-                if signal is not None:
-                    signal.committed()
-                return
-            except Exception as exc:  # any failure to commit means "not accepted"
-                if _locked(exc) and time.monotonic() < deadline:
-                    if signal is not None:
-                        signal.set_blocked(True)
-                    time.sleep(pause)
-                    pause = min(pause * 1.5, 0.002)
-                    continue
-                raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        if signal is not None:
-            signal.set_blocked(False)
+    while True:
+        try:
+            with engine.begin() as conn:
+                conn.execute(stmt, rows)
+            return
+        except Exception as exc:  # any failure to commit means "not accepted"
+            if _locked(exc) and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.002)
+                continue
+            raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def intake_engine(url: str) -> Engine:
@@ -170,17 +128,19 @@ def accept_sync(engine: Engine, env: Envelope, clock: Clock = system_clock) -> N
 
 
 class Acceptor:
-    """Group-committing writer shared by all connections of one process."""
+    """Group-committing writer shared by all connections of one process. With a `spool`
+    (SMTP intake on SQLite, see router.intake.spool) it commits into that file; else into
+    `engine`'s inbound table."""
 
     def __init__(self, engine: Engine, *, clock: Clock = system_clock, max_batch: int = 512,
                  on_commit: Callable[[int], None] | None = None,
-                 signal: IntakeSlot | None = None) -> None:
-        self.engine = engine
-        self.signal = signal
+                 spool: Spool | None = None) -> None:
+        self.spool = spool
+        self.engine = spool.engine if spool is not None else engine
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
-        self._stmt = insert_statement(engine)
+        self._stmt = spool.insert if spool is not None else insert_statement(engine)
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
@@ -213,8 +173,10 @@ class Acceptor:
     def _write(self, envs: list[Envelope]) -> None:
         # Header parsing and hashing run here, off the event loop's hot path.
         now = self.clock()
-        write_rows(self.engine, self._stmt, _merge_duplicates([_row(e, now) for e in envs]),
-                   signal=self.signal)
+        rows = merge_duplicates([_row(e, now) for e in envs])
+        if self.spool is not None:
+            rows = self.spool.rows(rows)
+        write_rows(self.engine, self._stmt, rows)
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()

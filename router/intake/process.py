@@ -3,10 +3,11 @@
 One event loop accepts on one core: aiosmtpd's protocol handling, not the database, is what
 limits a single process (PERF-NOTES). With ``processes = N`` the daemon and N-1 children
 listen on the same port with SO_REUSEPORT and the kernel spreads connections over them.
-Each child has its own group-committing writer; every one answers ``250`` only after its
-commit, exactly as the daemon does, so a child killed at any instant loses nothing it
-accepted. Children die with the daemon, follow its config reloads (which addresses exist)
-and wake the pipeline workers when they commit.
+Each child has its own group-committing writer and, on SQLite, its own spool file
+(router.intake.spool); every one answers ``250`` only after its commit, exactly as the daemon
+does, so a child killed at any instant loses nothing it accepted. Children die with the
+daemon, follow its config reloads (which addresses exist) and wake the pipeline workers when
+they commit.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 from router import log
 from router.child import ChildProcess
-from router.intake.accept import Acceptor, IntakeSignal, intake_engine
+from router.intake.accept import Acceptor, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
+from router.intake.spool import Spool, spool_path
 from router.reload import LiveConfig
 from router.rules.address import resolve_address
 from router.signals import Doorbell, Flag
@@ -32,15 +34,17 @@ from router.worker import die_with_parent, first_settings, forward_hup
 
 
 async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[Doorbell],
-                 signal_: IntakeSignal, index: int) -> int:
+                 index: int) -> int:
     s = live.current()
-    engine = intake_engine(s.database_url)
+    path = spool_path(s.database_url, index)
+    spool = Spool(path) if path is not None else None
+    engine = spool.engine if spool is not None else intake_engine(s.database_url)
 
     def committed(_n: int) -> None:
         for w in wakes:
             w.ring()
 
-    acceptor = Acceptor(engine, on_commit=committed, signal=signal_.slot(index))
+    acceptor = Acceptor(engine, on_commit=committed, spool=spool)
     await acceptor.start()
     handler = IntakeHandler(acceptor,
                             lambda address: resolve_address(live.current(), address) is not None,
@@ -62,7 +66,7 @@ async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[Doorbell],
 
 
 def intake_main(config_path: str, stop_event: Flag, wakes: list[Doorbell], updates: Any,
-                parent: int, signal_: IntakeSignal, index: int, log_level: str,
+                parent: int, index: int, log_level: str,
                 log_json: bool | None) -> None:
     die_with_parent()
     if os.getppid() != parent:
@@ -97,26 +101,23 @@ def intake_main(config_path: str, stop_event: Flag, wakes: list[Doorbell], updat
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    runner(_serve(live, stop, wakes, signal_, index))
+    runner(_serve(live, stop, wakes, index))
 
 
 class IntakeProcess(ChildProcess):
-    """A child accepting SMTP on the daemon's port; `index` is its slot in `signal_`. Its
-    `stop` closes the listener and answers the senders still waiting for a commit."""
+    """A child accepting SMTP on the daemon's port; `index` numbers its spool. Its `stop`
+    closes the listener and answers the senders still waiting for a commit."""
 
     kind = "intake"
 
-    def __init__(self, config_path: Path, *, index: int, signal_: IntakeSignal,
-                 wakes: list[Doorbell], log_level: str = "info",
-                 log_json: bool | None = None) -> None:
+    def __init__(self, config_path: Path, *, index: int, wakes: list[Doorbell],
+                 log_level: str = "info", log_json: bool | None = None) -> None:
         super().__init__()
-        self._args = (str(config_path), wakes, signal_, index, log_level, log_json)
+        self._args = (str(config_path), wakes, index, log_level, log_json)
 
     def _new_process(self) -> Any:
-        path, wakes, signal_, index, log_level, log_json = self._args
-        # Its slot may say "blocked" if it died waiting for the lock: the new one starts clean.
-        signal_.slot(index).set_blocked(False)
+        path, wakes, index, log_level, log_json = self._args
         return self._ctx.Process(
             target=intake_main, name=f"router-intake-{index}",
-            args=(path, self.stop_event, wakes, self.updates, os.getpid(), signal_, index,
+            args=(path, self.stop_event, wakes, self.updates, os.getpid(), index,
                   log_level, log_json))
