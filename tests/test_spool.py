@@ -235,3 +235,18 @@ def test_the_daemon_answers_250_while_the_database_is_locked(tmp_path: Path) -> 
     assert stored_count(url) == 7
     assert {p.name for p in spool_paths(url)} >= {
         "router.spool-0.db", "router.spool-1.db", "router.spool-5.db"}
+
+
+def test_a_damaged_spool_does_not_stop_the_others(url: str, tmp_path: Path) -> None:
+    (tmp_path / "router.spool-3.db").write_bytes(b"not a database" * 100)
+    spool = _spool_at(url, 0)
+    asyncio.run(_accept(spool, [_env(1)]))
+    write = db.make_engine(url, immediate=True)
+    mover = SpoolMover(url, write)
+    try:
+        assert mover.move() == 1
+    finally:
+        mover.close()
+        write.dispose()
+    assert [r.message_id for r in inbound_rows(url)] == ["<m.1@example.org>"]
+    spool.close()

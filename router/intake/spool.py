@@ -163,6 +163,7 @@ class SpoolMover:
         self.max_bytes = max_bytes
         self._insert = insert_statement(write_engine)
         self._sources: dict[Path, _Source] = {}
+        self._failing: set[Path] = set()
         self._log = log.get("router.intake.spool")
         self.moved = 0
 
@@ -190,7 +191,20 @@ class SpoolMover:
                 src = None
             if src is None:
                 src = self._sources[path] = _Source(make_engine(f"sqlite:///{path}"), inode)
-            n += self._move_one(path, src)
+            try:
+                n += self._move_one(path, src)
+            except Exception as exc:
+                # One spool that cannot be moved now (the database locked for long, a
+                # damaged file) must not hold up the others or the mail already stored;
+                # it is tried again with the next batch, and logged once until it moves.
+                if path not in self._failing:
+                    self._failing.add(path)
+                    self._log.error("spool_move_failed", spool=str(path),
+                                    error=f"{type(exc).__name__}: {exc}")
+            else:
+                if path in self._failing:
+                    self._failing.discard(path)
+                    self._log.info("spool_move_recovered", spool=str(path))
         self.moved += n
         return n
 
