@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from router.intake.spool import spool_paths  # noqa: E402
+from router.intake.spool import unmoved_count  # noqa: E402
 
 SMTPLOAD_SRC = REPO / "bench" / "smtpload.c"
 BUILD_DIR = REPO / "bench" / ".build"
@@ -329,28 +329,41 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process `pid` and every process below it (Linux /proc):
+    measured around the main load only, so start-up and warm-up do not count."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            # After the parenthesised name: ppid is the 2nd field, utime and stime the 12th
+            # and 13th.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry.name)] = (int(fields[1]),
+                                      (int(fields[11]) + int(fields[12])) / tick)
+    below = {pid}
+    grew = True
+    while grew:
+        grew = False
+        for p, (parent, _cpu) in stats.items():
+            if parent in below and p not in below:
+                below.add(p)
+                grew = True
+    return sum(stats[p][1] for p in below if p in stats)
+
+
 def pipeline_done(db: Path) -> tuple[int, int]:
     """(messages stored, messages not routed yet), counting those still in intake's spools."""
     conn = sqlite3.connect(db, timeout=30)
     try:
         total = conn.execute("select count(*) from inbound").fetchone()[0]
         pending = conn.execute("select count(*) from inbound where status = 'new'").fetchone()[0]
-        moved = dict(conn.execute("select spool, moved_through from spool_cursor").fetchall())
     finally:
         conn.close()
-    for path in spool_paths(f"sqlite:///{db}"):
-        spool = sqlite3.connect(path, timeout=30)
-        try:
-            spool_id = spool.execute("select value from spool_meta where key = 'id'").fetchone()
-            waiting = spool.execute("select count(*) from spooled where id > ?",
-                                    (moved.get(spool_id[0], 0) if spool_id else 0,)).fetchone()[0]
-        except sqlite3.OperationalError:
-            continue  # not created yet
-        finally:
-            spool.close()
-        total += waiting
-        pending += waiting
-    return total, pending
+    spooled = unmoved_count(f"sqlite:///{db}")
+    return total + spooled, pending + spooled
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = False,
@@ -380,6 +393,8 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
                 return runner(load(name, port, batches[batch], concurrency))
             return c_load(binary, name, port, tmp / f"{batch}.msgs", concurrency)
 
+        null_cpu = [0.0]
+
         def null_run() -> Result:
             port = free_port()
             null = subprocess.Popen([sys.executable, "-c", NULL_SERVER, str(port)], env=env,
@@ -387,7 +402,10 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
             try:
                 wait_port(port, null)
                 send("warmup", port, "warmup")
-                return send("aiosmtpd (does nothing)", port, "main")
+                cpu0 = tree_cpu(null.pid)
+                result = send("aiosmtpd (does nothing)", port, "main")
+                null_cpu[0] += tree_cpu(null.pid) - cpu0
+                return result
             finally:
                 stop(null)
 
@@ -412,6 +430,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
             while not intake_only and pipeline_done(db)[1]:
                 time.sleep(0.1)
             t0 = time.perf_counter()
+            cpu0 = tree_cpu(proc.pid)
             routed = send("router", port, "main")
             accept_done = time.perf_counter() - t0
             # How far routing got while intake ran: it shares the CPU and the write lock.
@@ -423,6 +442,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
                     break
                 time.sleep(0.05)
             pipeline_secs = time.perf_counter() - t0
+            router_cpu = tree_cpu(proc.pid) - cpu0
             conn = sqlite3.connect(db)
             tickets = conn.execute("select count(*) from ticket").fetchone()[0]
             parked = conn.execute(
@@ -452,6 +472,10 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
                    "pipeline_seconds": round(pipeline_secs, 2),
                    "pipeline_rate": round(pipeline_rate, 1),
                    "tickets": tickets, "parked": parked},
+        # CPU per message of the main load, all of the server's processes, client excluded.
+        "cpu_ms_per_message": {
+            "aiosmtpd": round(1000 * null_cpu[0] / (2 * n), 3),
+            "router": round(1000 * router_cpu / n, 3)},
         "ratio_accept": round(routed.rate / base.rate, 3) if base.rate else None,
         "ratio_pipeline": round(pipeline_rate / base.rate, 3) if base.rate else None,
     }
@@ -501,6 +525,12 @@ def main() -> None:
           f"first message ({b['pipeline_rate']} msg/s, ratio {r['ratio_pipeline']}), "
           f"parked {b['parked']}; {b['routed_during_intake']} of {r['messages']} routed "
           f"while intake ran ({b['accept_seconds']} s)")
+    cpu = r["cpu_ms_per_message"]
+    assert isinstance(cpu, dict)
+    work = "intake" if r["pipeline_workers"] == 0 else "intake and routing"
+    print(f"CPU per message, all of a server's processes, from the first message of the load "
+          f"to the last routed: router {cpu['router']} ms ({work}), aiosmtpd doing nothing "
+          f"{cpu['aiosmtpd']} ms")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from router.intake.accept import Acceptor, intake_engine
 from router.intake.imap import ImapManager
 from router.intake.process import IntakeProcess
 from router.intake.smtp import IntakeHandler, start_server
-from router.intake.spool import Spool, spool_path
+from router.intake.spool import Spool
 from router.outbox import OutboxWorker
 from router.reload import Applied, Recorder, Reloader
 from router.rules.address import resolve_address
@@ -101,8 +101,7 @@ class Daemon:
         engine = intake_engine(url)
         # On SQLite this process's SMTP and IMAP intake commit into spool 0, never waiting
         # for the pipeline's write lock (router.intake.spool).
-        spool_file = spool_path(url, 0)
-        spool = Spool(spool_file) if spool_file is not None else None
+        spool = Spool.for_database(url, 0)
         acceptor = Acceptor(engine, on_commit=committed, spool=spool)
         await acceptor.start()
         # IMAP mailboxes go through the same acceptor: same durability, same dedupe, and

@@ -54,7 +54,7 @@ def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
     url = normalize_url(url)
     if is_sqlite(url):
         path = make_url(url).database
-        if path and path != ":memory:":
+        if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
                                **kw)

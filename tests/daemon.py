@@ -30,7 +30,7 @@ from router import db
 from router import settings as config
 from router.intake.accept import Acceptor, Envelope, accept_sync
 from router.intake.smtp import IntakeHandler, start_server
-from router.intake.spool import unmoved
+from router.intake.spool import unmoved_count
 from router.models import Inbound, Ticket
 from router.pipeline import Hook, Pipeline
 from router.rules.address import resolve_address
@@ -75,7 +75,7 @@ def inbound_rows(db_url: str) -> list[Inbound]:
 
 def stored_count(db_url: str) -> int:
     """Messages stored: in inbound, or still in an intake spool (router.intake.spool)."""
-    return len(inbound_rows(db_url)) + len(unmoved(db_url))
+    return len(inbound_rows(db_url)) + unmoved_count(db_url)
 
 
 def wait_for_tickets(db_url: str, n: int, timeout: float = 20.0) -> list[Ticket]:

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from router import db
-from router.intake.spool import unmoved
+from router.intake.spool import unmoved_count
 from router.signals import Doorbell, Flag
 from router.worker import pipeline_main
 from tests.conftest import write_config
@@ -87,7 +87,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, processes: int)
             with engine.connect() as conn:
                 pending = conn.execute(
                     text("select count(*) from inbound where status = 'new'")).scalar_one()
-            if pending == 0 and not unmoved(url):
+            if pending == 0 and not unmoved_count(url):
                 break
             time.sleep(0.2)
         proc.stop()

@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from router import db
+from router.intake import spool as spool_module
 from router.intake.accept import Acceptor, Envelope
-from router.intake.spool import T_SPOOLED, Spool, SpoolMover, spool_path, spool_paths, unmoved
+from router.intake.spool import T_SPOOLED, Spool, SpoolMover, spool_file, spool_files, unmoved
 from router.models import T_SPOOL_CURSOR, InboundStatus
 from tests.conftest import write_config
 from tests.daemon import (
@@ -35,13 +36,11 @@ def url(tmp_path: Path) -> str:
 
 
 def _spool_at(url: str, index: int = 0) -> Spool:
-    path = spool_path(url, index)
-    assert path is not None
-    return Spool(path)
+    return Spool(url, index)
 
 
 async def _accept(spool: Spool, envs: list[Envelope]) -> None:
-    acceptor = Acceptor(spool.engine, spool=spool)
+    acceptor = Acceptor(None, spool=spool)
     await acceptor.start()
     try:
         await asyncio.gather(*(acceptor.accept(e) for e in envs))
@@ -60,16 +59,16 @@ def _spooled_count(spool: Spool) -> int:
 
 
 def test_paths_follow_the_database_file(tmp_path: Path) -> None:
-    assert spool_path(f"sqlite:///{tmp_path}/data/router.db", 2) == \
-        tmp_path / "data" / "router.spool-2.db"
-    assert spool_path("sqlite://", 0) is None
-    assert spool_path("postgresql://postgres@127.0.0.1/test", 0) is None
-    (tmp_path / "router.spool-0.db").touch()
-    (tmp_path / "router.spool-7.db").touch()
-    (tmp_path / "router.spool-0.db-wal").touch()   # SQLite's own files are not spools
-    (tmp_path / "other.spool-1.db").touch()
-    assert spool_paths(f"sqlite:///{tmp_path}/router.db") == [
-        tmp_path / "router.spool-0.db", tmp_path / "router.spool-7.db"]
+    assert spool_file(f"sqlite:///{tmp_path}/data/router.db", 2, 7) == \
+        tmp_path / "data" / "router.spool-2-7.db"
+    assert spool_file("sqlite://", 0, 1) is None
+    assert spool_file("postgresql://postgres@127.0.0.1/test", 0, 1) is None
+    for name in ("router.spool-0-10.db", "router.spool-0-9.db", "router.spool-7-1.db",
+                 "router.spool-0-1.db-wal",   # SQLite's own files are not spools
+                 "other.spool-1-1.db"):
+        (tmp_path / name).touch()
+    assert [(f.index, f.number) for f in spool_files(f"sqlite:///{tmp_path}/router.db")] == [
+        (0, 9), (0, 10), (7, 1)]
 
 
 def test_spooled_mail_is_moved_once_with_its_envelope(url: str) -> None:
@@ -149,30 +148,37 @@ def test_two_movers_at_once_move_each_message_once(url: str) -> None:
     spool.close()
 
 
-def test_moved_rows_are_deleted_and_unmoved_ones_kept(url: str) -> None:
+def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is deleted row by row: intake starts a new file when one is full, and a
+    full file goes once every row of it was moved (never the one intake writes to)."""
+    monkeypatch.setattr(spool_module, "ROTATE_ROWS", 10)
     spool = _spool_at(url)
-    asyncio.run(_accept(spool, [_env(i) for i in range(600)]))
+    for k in range(5):  # five commits of five: files 1, 2 and 3
+        asyncio.run(_accept(spool, [_env(5 * k + i) for i in range(5)]))
+    assert [f.number for f in spool_files(url)] == [1, 2, 3]
     write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write, max_rows=400)
+    mover = SpoolMover(url, write, max_rows=7)
     try:
-        assert mover.move() == 400
-        # Not caught up: only a small bite, and only of moved rows.
-        left = _spooled_count(spool)
-        assert 600 - mover.CLEAN_BUSY <= left < 600
-        assert len(unmoved(url)) == 200
-        while mover.move():
-            pass
-        for _ in range(5):  # caught up: the rest goes in bigger bites
-            mover.move()
-        assert _spooled_count(spool) == 0
-        assert len(inbound_rows(url)) == 600
-        # New mail after the spool was emptied gets new ids, above the cursor.
-        asyncio.run(_accept(spool, [_env(1000)]))
+        assert mover.move() == 7 + 7 + 5   # a batch from each file
+        assert [f.number for f in spool_files(url)] == [1, 2, 3]
+        assert len(unmoved(url)) == 6
+        moved = 19
+        while n := mover.move():
+            moved += n
+        assert moved == 25
+        assert [f.number for f in spool_files(url)] == [3]
+        assert not list(Path(url.removeprefix("sqlite:///")).parent.glob("*spool-0-1*"))
+        # Intake carries on in the file it writes to; a new intake process picks it too.
+        spool.close()
+        spool = _spool_at(url)
+        assert spool.number == 3
+        asyncio.run(_accept(spool, [_env(100)]))
         assert mover.move() == 1
     finally:
         mover.close()
         write.dispose()
-    assert len(inbound_rows(url)) == 601
+    assert len(inbound_rows(url)) == 26
+    assert {r.deliveries for r in inbound_rows(url)} == {1}
     spool.close()
 
 
@@ -190,6 +196,7 @@ def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
         for p in path.parent.glob(path.name + "*"):
             p.unlink()
         spool = _spool_at(url)
+        assert spool.path == path
         asyncio.run(_accept(spool, [_env(10, tag="again")]))
         assert mover.move() == 1
     finally:
@@ -233,12 +240,11 @@ def test_the_daemon_answers_250_while_the_database_is_locked(tmp_path: Path) -> 
     assert sorted(t.subject for t in found) == [
         "leftover 0", *(f"locked {i}" for i in range(6))]
     assert stored_count(url) == 7
-    assert {p.name for p in spool_paths(url)} >= {
-        "router.spool-0.db", "router.spool-1.db", "router.spool-5.db"}
+    assert {f.index for f in spool_files(url)} == {0, 1, 5}
 
 
 def test_a_damaged_spool_does_not_stop_the_others(url: str, tmp_path: Path) -> None:
-    (tmp_path / "router.spool-3.db").write_bytes(b"not a database" * 100)
+    (tmp_path / "router.spool-3-1.db").write_bytes(b"not a database" * 100)
     spool = _spool_at(url, 0)
     asyncio.run(_accept(spool, [_env(1)]))
     write = db.make_engine(url, immediate=True)

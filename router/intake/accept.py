@@ -132,15 +132,17 @@ class Acceptor:
     (SMTP intake on SQLite, see router.intake.spool) it commits into that file; else into
     `engine`'s inbound table."""
 
-    def __init__(self, engine: Engine, *, clock: Clock = system_clock, max_batch: int = 512,
-                 on_commit: Callable[[int], None] | None = None,
+    def __init__(self, engine: Engine | None, *, clock: Clock = system_clock,
+                 max_batch: int = 512, on_commit: Callable[[int], None] | None = None,
                  spool: Spool | None = None) -> None:
+        if engine is None and spool is None:
+            raise ValueError("Acceptor needs a database engine or a spool")
         self.spool = spool
-        self.engine = spool.engine if spool is not None else engine
+        self.engine = engine
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
-        self._stmt = spool.insert if spool is not None else insert_statement(engine)
+        self._stmt = insert_statement(engine) if engine is not None else None
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
@@ -175,8 +177,10 @@ class Acceptor:
         now = self.clock()
         rows = merge_duplicates([_row(e, now) for e in envs])
         if self.spool is not None:
-            rows = self.spool.rows(rows)
-        write_rows(self.engine, self._stmt, rows)
+            self.spool.write(rows)
+        else:
+            assert self.engine is not None
+            write_rows(self.engine, self._stmt, rows)
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()

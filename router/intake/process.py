@@ -26,7 +26,7 @@ from router import log
 from router.child import ChildProcess
 from router.intake.accept import Acceptor, intake_engine
 from router.intake.smtp import IntakeHandler, start_server
-from router.intake.spool import Spool, spool_path
+from router.intake.spool import Spool
 from router.reload import LiveConfig
 from router.rules.address import resolve_address
 from router.signals import Doorbell, Flag
@@ -36,9 +36,8 @@ from router.worker import die_with_parent, first_settings, forward_hup
 async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[Doorbell],
                  index: int) -> int:
     s = live.current()
-    path = spool_path(s.database_url, index)
-    spool = Spool(path) if path is not None else None
-    engine = spool.engine if spool is not None else intake_engine(s.database_url)
+    spool = Spool.for_database(s.database_url, index)
+    engine = intake_engine(s.database_url) if spool is None else None
 
     def committed(_n: int) -> None:
         for w in wakes:
@@ -59,7 +58,10 @@ async def _serve(live: LiveConfig, stop: threading.Event, wakes: list[Doorbell],
         server.close()
         await server.wait_closed()
         await acceptor.stop()
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
+        if spool is not None:
+            spool.close()
     logger.info("intake_process_stopped", index=index, pid=os.getpid(),
                 accepted=acceptor.accepted)
     return acceptor.accepted

@@ -1,19 +1,20 @@
-"""SMTP intake spools: one SQLite file per intake process, so a 250 never waits for routing.
+"""SMTP intake spools: SQLite files of intake's own, so a 250 never waits for routing.
 
 SQLite has one writer per file. While intake committed into the database the pipeline writes
 to, every sender waiting for a 250 also waited whenever a pipeline worker held the write lock,
 and a worker at low CPU priority holds it longest exactly when intake keeps the CPUs busy.
-So on SQLite each SMTP intake process (the daemon's own listener is number 0) commits into a
-file of its own next to the database, ``<name>.spool-<i><suffix>``: the same group commit and
-the same durability (WAL, ``synchronous=FULL``), and no lock shared with anybody but the
-mover below.
+So on SQLite each SMTP intake process (the daemon's own listener is number 0) commits into
+files of its own next to the database, ``<name>.spool-<i>-<n><suffix>``: the same group
+commit and the same durability (WAL, ``synchronous=FULL``), and no lock shared with anybody.
 
 A pipeline worker moves what was spooled into ``inbound`` (`SpoolMover`): one transaction
-inserts the rows and advances that spool's ``spool_cursor`` row, so a crash at any instant
-moves each message exactly once. Moved rows are deleted from the spool later, in bulk. A spool
-names itself with an id kept inside it, so a spool file deleted and made again starts a new
-cursor instead of being taken as already moved. Spools left by a larger ``[smtp] processes``
-are found by name and drained all the same.
+inserts the rows and advances that file's ``spool_cursor`` row, so a crash at any instant
+moves each message exactly once. Nothing is ever deleted from a spool: after `ROTATE_ROWS`
+messages (or `ROTATE_BYTES`) intake starts file ``n + 1``, and a file with a successor that
+has been moved completely is removed whole. Deleting moved rows one by one instead cost more
+than moving them, and held up intake while it ran. A spool file names itself with an id kept
+inside it, so a file made again under the same name starts a new cursor instead of being
+taken as moved. Spools left by a larger ``[smtp] processes`` are found by name and drained.
 
 PostgreSQL locks rows, not the database: there, and for the pipe and tools, intake writes to
 ``inbound`` directly.
@@ -21,11 +22,15 @@ PostgreSQL locks rows, not the database: there, and for the pipe and tools, inta
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Column,
@@ -36,8 +41,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
-    delete,
-    func,
+    create_engine,
     insert,
     select,
     update,
@@ -45,13 +49,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.schema import CreateTable
 
 from router import log
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine, normalize_url
-from router.intake.accept import insert_statement, intake_engine, merge_duplicates
+from router.intake.accept import insert_statement, intake_engine, merge_duplicates, write_rows
 from router.models import T_INBOUND, T_SPOOL_CURSOR, InboundStatus
+
+ROTATE_ROWS = 2048
+ROTATE_BYTES = 32 * 1024 * 1024
 
 # The inbound columns intake knows when it answers; the pipeline fills in the rest.
 SPOOL_COLUMNS = ("received_at", "channel", "mail_from", "rcpt_to", "raw", "size",
@@ -70,7 +78,16 @@ T_SPOOL_META = Table("spool_meta", _META, Column("key", String(32), primary_key=
                      Column("value", Text, nullable=False))
 
 _SPOOL_ID = select(T_SPOOL_META.c.value).where(T_SPOOL_META.c.key == "id")
-_FIRST = select(func.min(T_SPOOLED.c.id))
+_CURSOR = select(T_SPOOL_CURSOR.c.moved_through).where(
+    T_SPOOL_CURSOR.c.spool == bindparam("spool"))
+_CURSORS = select(T_SPOOL_CURSOR.c.spool, T_SPOOL_CURSOR.c.moved_through)
+
+
+@dataclass(frozen=True, order=True)
+class SpoolFile:
+    index: int        # the intake process writing it
+    number: int       # its place in that process's sequence of files
+    path: Path
 
 
 def _database_file(url: str) -> Path | None:
@@ -82,27 +99,31 @@ def _database_file(url: str) -> Path | None:
     return Path(name)
 
 
-def spool_path(url: str, index: int) -> Path | None:
-    """Where intake process `index` spools for the database at `url`; None where intake
+def spool_file(url: str, index: int, number: int) -> Path | None:
+    """File `number` of intake process `index` for the database at `url`; None where intake
     writes to the database itself (PostgreSQL, SQLite in memory)."""
     db = _database_file(url)
     if db is None:
         return None
-    return db.with_name(f"{db.stem}.spool-{index}{db.suffix}")
+    return db.with_name(f"{db.stem}.spool-{index}-{number}{db.suffix}")
 
 
-def spool_paths(url: str) -> list[Path]:
-    """Every spool of the database at `url` that exists now, of any intake process."""
+def spool_files(url: str) -> list[SpoolFile]:
+    """Every spool file of the database at `url` that exists now, by process and number."""
     db = _database_file(url)
     if db is None or not db.parent.is_dir():
         return []
-    pattern = re.compile(rf"{re.escape(db.stem)}\.spool-\d+{re.escape(db.suffix)}")
-    return sorted(p for p in db.parent.iterdir() if pattern.fullmatch(p.name))
+    pattern = re.compile(rf"{re.escape(db.stem)}\.spool-(\d+)-(\d+){re.escape(db.suffix)}")
+    found = []
+    for p in db.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m:
+            found.append(SpoolFile(int(m[1]), int(m[2]), p))
+    return sorted(found)
 
 
-def create(path: Path) -> str:
-    """Make the spool at `path` ready (idempotent, safe against a mover opening it at the
-    same moment) and return its id."""
+def _create(path: Path) -> str:
+    """Make the spool file at `path` ready (idempotent) and return its id."""
     engine = make_engine(f"sqlite:///{path}")
     try:
         with engine.begin() as conn:
@@ -115,20 +136,59 @@ def create(path: Path) -> str:
         engine.dispose()
 
 
+def _existing(path: Path) -> Engine:
+    """An engine for reading a spool file, which connecting never creates: it may have been
+    removed since it was listed."""
+    # Read-only, too: a reader never checkpoints, so the last one to close does not copy
+    # the file's whole WAL into it just before it is removed.
+    uri = f"file:{quote(str(path))}?mode=ro"
+    return create_engine("sqlite://", poolclass=QueuePool, creator=lambda: sqlite3.connect(
+        uri, uri=True, check_same_thread=False, timeout=10))
+
+
 class Spool:
-    """The intake side of one spool: the engine and statement `Acceptor` commits with."""
+    """The intake side: the file intake process `index` commits into now (`write`), and
+    the start of the next one when it is full."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, url: str, index: int) -> None:
+        self.url = url
+        self.index = index
+        mine = [f for f in spool_files(url) if f.index == index]
+        # Carry on in the newest file: an older one may be removed once moved.
+        self._open(mine[-1].number if mine else 1)
+
+    @classmethod
+    def for_database(cls, url: str, index: int) -> Spool | None:
+        return cls(url, index) if spool_file(url, index, 1) is not None else None
+
+    def _open(self, number: int) -> None:
+        path = spool_file(self.url, self.index, number)
+        assert path is not None
+        self.number = number
         self.path = path
-        self.id = create(path)
+        self.id = _create(path)
         self.engine: Engine = intake_engine(f"sqlite:///{path}")
-        self.insert: Any = insert(T_SPOOLED)
+        self.rows_written = 0
+        self.bytes_written = 0
 
-    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{k: r[k] for k in SPOOL_COLUMNS} for r in rows]
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Commit `rows` (inbound rows; the spool keeps its columns of them) or raise
+        StorageUnavailable; then start the next file if this one is full."""
+        write_rows(self.engine, _INSERT, [{k: r[k] for k in SPOOL_COLUMNS} for r in rows])
+        self.rows_written += len(rows)
+        self.bytes_written += sum(r["size"] for r in rows)
+        if self.rows_written >= ROTATE_ROWS or self.bytes_written >= ROTATE_BYTES:
+            old = self.engine
+            self._open(self.number + 1)
+            # Closing the last connection checkpoints the WAL into the file, which takes a
+            # while for a full one: not on the way to the next 250.
+            threading.Thread(target=old.dispose, name="spool-close", daemon=True).start()
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_INSERT = insert(T_SPOOLED)
 
 
 @dataclass
@@ -136,23 +196,11 @@ class _Source:
     engine: Engine
     inode: tuple[int, int]        # a file made again at the same path is another spool
     id: str | None = None
-    moved: int | None = None      # moved through this id (as committed in spool_cursor)
-
-
-_CURSOR = select(T_SPOOL_CURSOR.c.moved_through).where(
-    T_SPOOL_CURSOR.c.spool == bindparam("spool"))
 
 
 class SpoolMover:
     """The pipeline side: moves spooled mail into `inbound`, in the worker's own write
-    transactions, and deletes what was moved from the spools."""
-
-    # Deleting a moved row costs about 70 µs (its overflow pages are freed one by one), and
-    # the spool's intake waits meanwhile: while mail arrives, small bites once enough has
-    # piled up; when the spool is caught up, bigger ones.
-    CLEAN_BUSY = 64
-    CLEAN_IDLE = 512
-    CLEAN_FROM = 256
+    transactions, and removes spool files that are done with."""
 
     def __init__(self, url: str, write_engine: Engine, *, clock: Clock = system_clock,
                  max_rows: int = 512, max_bytes: int = 32 * 1024 * 1024) -> None:
@@ -173,65 +221,95 @@ class SpoolMover:
         self._sources.clear()
 
     def move(self) -> int:
-        """Move what every spool holds beyond its cursor (one batch per spool); return how
-        many messages were moved."""
-        paths = spool_paths(self.url)
-        for gone in set(self._sources) - set(paths):
+        """Move what every spool file holds beyond its cursor (one batch per file); return
+        how many messages were moved."""
+        files = spool_files(self.url)
+        for gone in set(self._sources) - {f.path for f in files}:
             self._sources.pop(gone).engine.dispose()
-        n = 0
-        for path in paths:
+        if not files:
+            return 0
+        newest: dict[int, int] = {}
+        for f in files:
+            newest[f.index] = max(newest.get(f.index, 0), f.number)
+        sources: dict[Path, _Source | None] = {}
+        for f in files:
             try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            inode = (st.st_dev, st.st_ino)
-            src = self._sources.get(path)
-            if src is not None and src.inode != inode:
-                src.engine.dispose()
-                src = None
-            if src is None:
-                src = self._sources[path] = _Source(make_engine(f"sqlite:///{path}"), inode)
-            try:
-                n += self._move_one(path, src)
+                sources[f.path] = self._source(f.path)
             except Exception as exc:
-                # One spool that cannot be moved now (the database locked for long, a
-                # damaged file) must not hold up the others or the mail already stored;
-                # it is tried again with the next batch, and logged once until it moves.
-                if path not in self._failing:
-                    self._failing.add(path)
-                    self._log.error("spool_move_failed", spool=str(path),
-                                    error=f"{type(exc).__name__}: {exc}")
+                sources[f.path] = None
+                self._failed(f.path, exc)
+        # Where each spool stands, in one read: another worker may have moved since.
+        ids = [s.id for s in sources.values() if s is not None and s.id is not None]
+        with self.write_engine.connect() as conn:
+            cursors: dict[str, int] = {k: int(v) for k, v in conn.execute(
+                _CURSORS.where(T_SPOOL_CURSOR.c.spool.in_(ids))).all()} if ids else {}
+        n = 0
+        for f in files:
+            src = sources[f.path]
+            if src is None:
+                continue
+            try:
+                moved, done = self._move_one(f.path, src, cursors)
+                n += moved
+                if done and f.number < newest[f.index]:
+                    self._remove(f.path)
+            except Exception as exc:
+                self._failed(f.path, exc)
             else:
-                if path in self._failing:
-                    self._failing.discard(path)
-                    self._log.info("spool_move_recovered", spool=str(path))
+                if f.path in self._failing:
+                    self._failing.discard(f.path)
+                    self._log.info("spool_move_recovered", spool=str(f.path))
         self.moved += n
         return n
 
-    def _move_one(self, path: Path, src: _Source) -> int:
-        with src.engine.connect() as sc:
+    def _failed(self, path: Path, exc: Exception) -> None:
+        """One spool that cannot be moved now (the database locked for long, a damaged
+        file) must not hold up the others or the mail already stored: it is tried again with
+        the next batch, and logged once until it moves."""
+        if not path.exists():
+            return  # removed by another worker a moment ago
+        if path not in self._failing:
+            self._failing.add(path)
+            self._log.error("spool_move_failed", spool=str(path),
+                            error=f"{type(exc).__name__}: {exc}")
+
+    def _source(self, path: Path) -> _Source | None:
+        """The file's engine and id; None if it is gone or not ready yet."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        inode = (st.st_dev, st.st_ino)
+        src = self._sources.get(path)
+        if src is not None and src.inode != inode:
+            src.engine.dispose()
+            src = None
+        if src is None:
+            src = self._sources[path] = _Source(_existing(path), inode)
+        if src.id is None:
             try:
-                if src.id is None:
+                with src.engine.connect() as sc:
                     src.id = sc.execute(_SPOOL_ID).scalar()
             except OperationalError:
-                return 0  # being created by its intake process right now
-            if src.id is None:
-                return 0
-            if src.moved is None:
-                with self.write_engine.connect() as conn:
-                    src.moved = int(conn.execute(_CURSOR, {"spool": src.id}).scalar() or 0)
+                return None  # being created by its intake process, or removed, right now
+        return src if src.id is not None else None
+
+    def _move_one(self, path: Path, src: _Source, cursors: dict[str, int]) -> tuple[int, bool]:
+        """Move one batch of `path`; returns (messages moved, nothing left to move)."""
+        assert src.id is not None
+        with src.engine.connect() as sc:
+            start = cursors.get(src.id, 0)
             heads = sc.execute(select(T_SPOOLED.c.id, T_SPOOLED.c.size)
-                               .where(T_SPOOLED.c.id > src.moved)
+                               .where(T_SPOOLED.c.id > start)
                                .order_by(T_SPOOLED.c.id).limit(self.max_rows)).all()
             if not heads:
-                self._clean(src, caught_up=True)
-                return 0
+                return 0, True
             last, size = heads[0].id, 0
             for h in heads:  # bounded in bytes as well: the batch is held in memory
                 if size and size + h.size > self.max_bytes:
                     break
                 last, size = h.id, size + h.size
-            rows = sc.execute(select(T_SPOOLED).where(T_SPOOLED.c.id > src.moved,
+            rows = sc.execute(select(T_SPOOLED).where(T_SPOOLED.c.id > start,
                                                       T_SPOOLED.c.id <= last)
                               .order_by(T_SPOOLED.c.id)).all()
         with self.write_engine.begin() as conn:
@@ -250,51 +328,53 @@ class SpoolMover:
                              .where(T_SPOOL_CURSOR.c.spool == src.id)
                              .values(moved_through=fresh[-1].id, path=str(path),
                                      moved_at=self.clock()))
-        src.moved = max(int(mark), last)
-        self._clean(src, caught_up=len(heads) < self.max_rows)
-        return len(fresh)
+        return len(fresh), False
 
-    def _clean(self, src: _Source, *, caught_up: bool) -> None:
-        """Delete some moved rows (see CLEAN_BUSY): the spool file would grow without end."""
-        if src.moved is None:
-            return
-        with src.engine.connect() as sc:  # where the spool starts: another worker cleans too
-            first = sc.execute(_FIRST).scalar()
-        left = 0 if first is None else src.moved - first + 1
-        if left <= 0 or (not caught_up and left < self.CLEAN_FROM):
-            return
-        upto = first - 1 + min(left, self.CLEAN_IDLE if caught_up else self.CLEAN_BUSY)
-        try:
-            with src.engine.begin() as sc:
-                sc.execute(delete(T_SPOOLED).where(T_SPOOLED.c.id <= upto))
-        except OperationalError as exc:  # busy for ten seconds: try again next time
-            self._log.warning("spool_clean_failed", spool=src.id, error=str(exc))
+    def _remove(self, path: Path) -> None:
+        """A full spool file, moved to its last row: its intake process writes to a newer
+        one and never to this again."""
+        src = self._sources.pop(path, None)
+        if src is not None:
+            src.engine.dispose()
+        self._failing.discard(path)
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+                  path.with_name(path.name + "-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        self._log.debug("spool_removed", spool=str(path))
 
 
-def unmoved(url: str) -> list[Any]:
-    """The spooled messages not moved into ``inbound`` yet, from every spool of the database
-    at `url`, oldest first per spool (for status, tools and tests)."""
-    paths = spool_paths(url)
-    if not paths:
+def _unmoved(url: str, what: Any) -> list[Any]:
+    files = spool_files(url)
+    if not files:
         return []
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            moved = dict(conn.execute(select(T_SPOOL_CURSOR.c.spool,
-                                             T_SPOOL_CURSOR.c.moved_through)).all())
+            moved = dict(conn.execute(_CURSORS).all())
     finally:
         engine.dispose()
     out: list[Any] = []
-    for path in paths:
-        spool = make_engine(f"sqlite:///{path}")
+    for f in files:
+        spool = _existing(f.path)
         try:
             with spool.connect() as sc:
                 spool_id = sc.execute(_SPOOL_ID).scalar()
-                out.extend(sc.execute(select(T_SPOOLED)
-                                      .where(T_SPOOLED.c.id > moved.get(spool_id, 0))
+                out.extend(sc.execute(what.where(T_SPOOLED.c.id > moved.get(spool_id, 0))
                                       .order_by(T_SPOOLED.c.id)).all())
         except OperationalError:
-            continue  # being created right now: nothing in it yet
+            continue  # being created, or removed, right now: nothing to count in it
         finally:
             spool.dispose()
     return out
+
+
+def unmoved(url: str) -> list[Any]:
+    """The spooled messages not moved into ``inbound`` yet, from every spool file of the
+    database at `url`, oldest first per file (for tools and tests)."""
+    return _unmoved(url, select(T_SPOOLED))
+
+
+def unmoved_count(url: str) -> int:
+    """How many spooled messages wait to be moved into ``inbound``."""
+    return len(_unmoved(url, select(T_SPOOLED.c.id)))
