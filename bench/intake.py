@@ -8,8 +8,12 @@ before and after router, pooled, as this machine's speed drifts): N messages (re
 sizes, a mix of new mails and replies) over C concurrent connections, a new connection per
 message (as Postfix's smtp-source does). Printed: messages/s for each and their ratio,
 p50/p99 time from the end of DATA to the 250, and for router how long its pipeline takes to
-turn all accepted mail into routed tickets. Router runs as the example router.toml sets it
-up (two intake processes, two pipeline workers) unless told otherwise.
+turn all accepted mail into routed tickets, and the CPU time each server's processes spent
+per message from the first message of the load to the last one routed (start-up and
+warm-up excluded; the load generator is not counted). On a 2-core machine that figure says
+how fast routing could keep up at best: two cores divided by router's CPU per message.
+Router runs as the example router.toml sets it up (two intake processes, two pipeline
+workers) unless told otherwise.
 
 The load comes from bench/smtpload.c, built on demand with the system's C compiler into
 bench/.build/. On a 2-core machine every CPU-second the load generator spends is taken from
