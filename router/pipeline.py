@@ -27,7 +27,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, inspect, or_, select, update
 from sqlmodel import Session
 
 from router import agentmail, learn, log
@@ -174,20 +174,27 @@ class ParentPending(Exception):
 
 
 # Built once: the hot path's statements cost more to build than to run.
+# An original that arrived before the reply (in time, then in id: a total order, so two
+# messages naming each other cannot wait for each other). Not by id alone: mail moved from
+# intake's spools can be stored after a reply that arrived later.
 _PENDING_PARENT = select(T_INBOUND.c.id).where(
     T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
-    T_INBOUND.c.status == InboundStatus.NEW, T_INBOUND.c.id < bindparam("id")).limit(1)
+    T_INBOUND.c.status == InboundStatus.NEW,
+    or_(T_INBOUND.c.received_at < bindparam("at"),
+        and_(T_INBOUND.c.received_at == bindparam("at"), T_INBOUND.c.id < bindparam("id"))),
+).limit(1)
 _CUSTOMER_FACTS = select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes,
                          T_CUSTOMER.c.language).where(T_CUSTOMER.c.email == bindparam("email"))
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
 
-def _check_parents(conn: Connection, parsed: ParsedMail, inbound_id: int) -> None:
+def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any) -> None:
     keys = [*parsed.in_reply_to, *parsed.references]
     if not keys:
         return
-    parent = conn.execute(_PENDING_PARENT, {"keys": keys, "id": inbound_id}).scalar()
+    parent = conn.execute(_PENDING_PARENT, {"keys": keys, "id": inbound.id,
+                                            "at": inbound.received_at}).scalar()
     if parent is not None:
         raise ParentPending(parent)
 
@@ -384,7 +391,10 @@ class Pipeline:
         match = prepared.match if prepared is not None and prepared.match is not None \
             else find_thread(conn, parsed, settings)
         if match is None:
-            _check_parents(conn, parsed, inbound.id)
+            _check_parents(conn, parsed, inbound)
+            if self.mover is not None and self.mover.holds(
+                    [*parsed.in_reply_to, *parsed.references]):
+                raise ParentPending("spooled")
         if match is not None:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)

@@ -13,12 +13,16 @@ import pytest
 from sqlalchemy import func, select
 
 from router import db
+from router import settings as config
+from router.hooks import default_hooks
 from router.intake import spool as spool_module
 from router.intake.accept import Acceptor, Envelope
 from router.intake.spool import T_SPOOLED, Spool, SpoolMover, spool_file, spool_files, unmoved
-from router.models import T_SPOOL_CURSOR, InboundStatus
+from router.models import T_SPOOL_CURSOR, InboundStatus, Ticket
+from router.pipeline import Pipeline
 from tests.conftest import write_config
 from tests.daemon import (
+    count_rows,
     inbound_rows,
     make_mail,
     send_smtp,
@@ -256,3 +260,64 @@ def test_a_damaged_spool_does_not_stop_the_others(url: str, tmp_path: Path) -> N
         write.dispose()
     assert [r.message_id for r in inbound_rows(url)] == ["<m.1@example.org>"]
     spool.close()
+
+
+def test_a_failed_rotation_loses_nothing(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are committed before the next file is started: if starting it fails (disk
+    full, say), those senders still get their 250 and the full file takes more mail."""
+    monkeypatch.setattr(spool_module, "ROTATE_ROWS", 2)
+    spool = _spool_at(url)
+    real = spool_module._create
+    failed: list[Path] = []
+
+    def flaky(path: Path) -> str:
+        if not failed:
+            failed.append(path)
+            raise OSError("No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(spool_module, "_create", flaky)
+    asyncio.run(_accept(spool, [_env(0), _env(1)]))
+    assert failed and spool.number == 1
+    asyncio.run(_accept(spool, [_env(2)]))
+    assert spool.number == 2
+    write = db.make_engine(url, immediate=True)
+    mover = SpoolMover(url, write)
+    try:
+        assert mover.move() == 3
+    finally:
+        mover.close()
+        write.dispose()
+    spool.close()
+
+
+def test_a_reply_moved_before_its_original_waits_for_it(tmp_path: Path) -> None:
+    """Spools are moved file by file: a reply in one can reach `inbound` before its original
+    in another. It must wait and thread, not open a ticket of its own."""
+    cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
+    settings = config.load(cfg)
+    url = settings.database_url
+    db.upgrade(url)
+    first, second = _spool_at(url, 0), _spool_at(url, 1)
+    original = make_mail(subject="Printer on fire", message_id="<orig@example.org>")
+    reply = make_mail(subject="Re: Printer on fire", message_id="<re@example.org>",
+                      in_reply_to="<orig@example.org>", references="<orig@example.org>")
+    asyncio.run(_accept(second, [_env(0, tag="other")]))
+    asyncio.run(_accept(second, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
+                                          original)]))
+    asyncio.run(_accept(first, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
+                                         reply)]))
+    pipeline = Pipeline(url, lambda: settings, hooks=default_hooks())
+    assert pipeline.mover is not None
+    pipeline.mover.max_rows = 1  # the first batch moves the reply, not the original
+    try:
+        pipeline.process_batch()
+        assert pipeline.deferred == 1
+        pipeline.drain()
+    finally:
+        pipeline.close()
+    by_mid = {r.message_id: r for r in inbound_rows(url)}
+    assert by_mid["<re@example.org>"].ticket_id == by_mid["<orig@example.org>"].ticket_id
+    assert count_rows(url, Ticket) == 2
+    first.close()
+    second.close()

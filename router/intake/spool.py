@@ -35,6 +35,7 @@ from urllib.parse import quote
 from sqlalchemy import (
     Column,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -50,7 +51,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import QueuePool
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from router import log
 from router.clock import Clock, system_clock
@@ -68,12 +69,14 @@ SPOOL_COLUMNS = ("received_at", "channel", "mail_from", "rcpt_to", "raw", "size"
 _META = MetaData()
 # Same column types as `inbound`, so values are stored and read back identically. No unique
 # dedupe key here: duplicates are merged into one inbound row when they are moved.
-# AUTOINCREMENT: ids are never reused after the moved rows are deleted (the cursor counts on
-# every new row having a higher id than the ones before).
+# AUTOINCREMENT: the cursor counts on every new row having a higher id than the ones before,
+# even if rows were ever deleted by hand.
 T_SPOOLED = Table("spooled", _META, Column("id", Integer, primary_key=True),
                   *(Column(n, T_INBOUND.c[n].type, nullable=T_INBOUND.c[n].nullable)
                     for n in SPOOL_COLUMNS),
                   sqlite_autoincrement=True)
+# A reply waits while its original is still spooled (`SpoolMover.holds`).
+IX_SPOOLED_MESSAGE_ID = Index("ix_spooled_message_id", T_SPOOLED.c.message_id)
 T_SPOOL_META = Table("spool_meta", _META, Column("key", String(32), primary_key=True),
                      Column("value", Text, nullable=False))
 
@@ -129,6 +132,7 @@ def _create(path: Path) -> str:
         with engine.begin() as conn:
             for table in _META.sorted_tables:
                 conn.execute(CreateTable(table, if_not_exists=True))
+            conn.execute(CreateIndex(IX_SPOOLED_MESSAGE_ID, if_not_exists=True))
             conn.execute(sqlite.insert(T_SPOOL_META).values(key="id", value=uuid.uuid4().hex)
                          .on_conflict_do_nothing())
             return str(conn.execute(_SPOOL_ID).scalar_one())
@@ -153,6 +157,7 @@ class Spool:
     def __init__(self, url: str, index: int) -> None:
         self.url = url
         self.index = index
+        self._log = log.get("router.intake.spool")
         mine = [f for f in spool_files(url) if f.index == index]
         # Carry on in the newest file: an older one may be removed once moved.
         self._open(mine[-1].number if mine else 1)
@@ -164,9 +169,8 @@ class Spool:
     def _open(self, number: int) -> None:
         path = spool_file(self.url, self.index, number)
         assert path is not None
-        self.number = number
-        self.path = path
-        self.id = _create(path)
+        spool_id = _create(path)
+        self.number, self.path, self.id = number, path, spool_id
         self.engine: Engine = intake_engine(f"sqlite:///{path}")
         self.rows_written = 0
         self.bytes_written = 0
@@ -179,7 +183,14 @@ class Spool:
         self.bytes_written += sum(r["size"] for r in rows)
         if self.rows_written >= ROTATE_ROWS or self.bytes_written >= ROTATE_BYTES:
             old = self.engine
-            self._open(self.number + 1)
+            try:
+                self._open(self.number + 1)
+            except Exception as exc:
+                # These rows are committed and will get their 250; the next file is tried
+                # again after the next commit, this one takes the mail meanwhile.
+                self._log.warning("spool_rotate_failed", spool=str(self.path),
+                                  error=f"{type(exc).__name__}: {exc}")
+                return
             # Closing the last connection checkpoints the WAL into the file, which takes a
             # while for a full one: not on the way to the next 250.
             threading.Thread(target=old.dispose, name="spool-close", daemon=True).start()
@@ -196,6 +207,12 @@ class _Source:
     engine: Engine
     inode: tuple[int, int]        # a file made again at the same path is another spool
     id: str | None = None
+    moved: int = 0                # moved through this id, as far as this worker knows
+
+
+_HOLDS = select(T_SPOOLED.c.id).where(
+    T_SPOOLED.c.message_id.in_(bindparam("keys", expanding=True)),
+    T_SPOOLED.c.id > bindparam("moved")).limit(1)
 
 
 class SpoolMover:
@@ -248,8 +265,10 @@ class SpoolMover:
             src = sources[f.path]
             if src is None:
                 continue
+            assert src.id is not None
+            src.moved = max(src.moved, cursors.get(src.id, 0))
             try:
-                moved, done = self._move_one(f.path, src, cursors)
+                moved, done = self._move_one(f.path, src)
                 n += moved
                 if done and f.number < newest[f.index]:
                     self._remove(f.path)
@@ -294,11 +313,11 @@ class SpoolMover:
                 return None  # being created by its intake process, or removed, right now
         return src if src.id is not None else None
 
-    def _move_one(self, path: Path, src: _Source, cursors: dict[str, int]) -> tuple[int, bool]:
+    def _move_one(self, path: Path, src: _Source) -> tuple[int, bool]:
         """Move one batch of `path`; returns (messages moved, nothing left to move)."""
         assert src.id is not None
         with src.engine.connect() as sc:
-            start = cursors.get(src.id, 0)
+            start = src.moved
             heads = sc.execute(select(T_SPOOLED.c.id, T_SPOOLED.c.size)
                                .where(T_SPOOLED.c.id > start)
                                .order_by(T_SPOOLED.c.id).limit(self.max_rows)).all()
@@ -328,7 +347,25 @@ class SpoolMover:
                              .where(T_SPOOL_CURSOR.c.spool == src.id)
                              .values(moved_through=fresh[-1].id, path=str(path),
                                      moved_at=self.clock()))
+        src.moved = max(int(mark), last)
         return len(fresh), False
+
+    def holds(self, message_ids: list[str]) -> bool:
+        """Whether a spool still holds one of these messages, not yet moved: a reply to it
+        must wait, or it would open a ticket of its own. Spools are moved file by file, so
+        a reply can reach `inbound` a moment before its original."""
+        if not message_ids:
+            return False
+        for src in list(self._sources.values()):
+            if src.id is None:
+                continue
+            try:
+                with src.engine.connect() as sc:
+                    if sc.execute(_HOLDS, {"keys": message_ids, "moved": src.moved}).first():
+                        return True
+            except OperationalError:
+                continue  # removed meanwhile: it held nothing unmoved
+        return False
 
     def _remove(self, path: Path) -> None:
         """A full spool file, moved to its last row: its intake process writes to a newer
