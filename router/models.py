@@ -82,7 +82,9 @@ class Inbound(SQLModel, table=True):
     ticket_id: int | None = Field(default=None, index=True)
     processed_at: datetime | None = _utc()
 
-    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+    # message_id: a reply looks for its original among the messages not routed yet.
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),
+                      Index("ix_inbound_message_id", "message_id"))
 
 
 class SpoolCursor(SQLModel, table=True):

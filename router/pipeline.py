@@ -27,7 +27,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, inspect, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
 from sqlmodel import Session
 
 from router import agentmail, learn, log
@@ -174,15 +174,10 @@ class ParentPending(Exception):
 
 
 # Built once: the hot path's statements cost more to build than to run.
-# An original that arrived before the reply (in time, then in id: a total order, so two
-# messages naming each other cannot wait for each other). Not by id alone: mail moved from
-# intake's spools can be stored after a reply that arrived later.
-_PENDING_PARENT = select(T_INBOUND.c.id).where(
-    T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)),
-    T_INBOUND.c.status == InboundStatus.NEW,
-    or_(T_INBOUND.c.received_at < bindparam("at"),
-        and_(T_INBOUND.c.received_at == bindparam("at"), T_INBOUND.c.id < bindparam("id"))),
-).limit(1)
+# The messages a reply names, by Message-ID alone: the index on it then serves the query
+# (with a status condition SQLite would scan every message not routed yet).
+_NAMED = select(T_INBOUND.c.id, T_INBOUND.c.status, T_INBOUND.c.received_at).where(
+    T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)))
 _CUSTOMER_FACTS = select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes,
                          T_CUSTOMER.c.language).where(T_CUSTOMER.c.email == bindparam("email"))
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
@@ -193,10 +188,13 @@ def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any) -> None:
     keys = [*parsed.in_reply_to, *parsed.references]
     if not keys:
         return
-    parent = conn.execute(_PENDING_PARENT, {"keys": keys, "id": inbound.id,
-                                            "at": inbound.received_at}).scalar()
-    if parent is not None:
-        raise ParentPending(parent)
+    # Waits for an original that arrived before it (in time, then in id: a total order, so
+    # two messages naming each other cannot wait for each other). Not by id alone: mail
+    # moved from intake's spools can be stored after a reply that arrived later.
+    me = (inbound.received_at, inbound.id)
+    for row in conn.execute(_NAMED, {"keys": keys}):
+        if row.status == InboundStatus.NEW and (row.received_at, row.id) < me:
+            raise ParentPending(row.id)
 
 
 @dataclass

@@ -5,9 +5,12 @@ waits for the pipeline's write lock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -52,6 +55,17 @@ async def _accept(spool: Spool, envs: list[Envelope]) -> None:
         await acceptor.stop()
 
 
+@contextlib.contextmanager
+def _mover(url: str, **kw: Any) -> Iterator[SpoolMover]:
+    write = db.make_engine(url, immediate=True)
+    mover = SpoolMover(url, write, **kw)
+    try:
+        yield mover
+    finally:
+        mover.close()
+        write.dispose()
+
+
 def _env(i: int, rcpt: str = "support@acme.test", tag: str = "m") -> Envelope:
     return Envelope("smtp", f"c{i}@example.org", [rcpt],
                     make_mail(subject=f"{tag} {i}", message_id=f"<{tag}.{i}@example.org>"))
@@ -82,14 +96,9 @@ def test_spooled_mail_is_moved_once_with_its_envelope(url: str) -> None:
     assert inbound_rows(url) == []
     assert len(unmoved(url)) == 5 and _spooled_count(spool) == 5
 
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write)
-    try:
+    with _mover(url) as mover:
         assert mover.move() == 5
         assert mover.move() == 0
-    finally:
-        mover.close()
-        write.dispose()
     rows = inbound_rows(url)
     assert [r.raw for r in rows] == [e.raw for e in envs]
     assert [r.mail_from for r in rows] == [e.mail_from for e in envs]
@@ -108,13 +117,8 @@ def test_a_mail_spooled_twice_is_one_inbound_row(url: str) -> None:
     asyncio.run(_accept(a, [same]))
     asyncio.run(_accept(a, [same]))
     asyncio.run(_accept(b, [same, _env(2)]))
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write)
-    try:
+    with _mover(url) as mover:
         mover.move()
-    finally:
-        mover.close()
-        write.dispose()
     rows = inbound_rows(url)
     assert [(r.message_id, r.deliveries) for r in rows] == [
         ("<m.1@example.org>", 3), ("<m.2@example.org>", 1)]
@@ -160,9 +164,7 @@ def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyP
     for k in range(5):  # five commits of five: files 1, 2 and 3
         asyncio.run(_accept(spool, [_env(5 * k + i) for i in range(5)]))
     assert [f.number for f in spool_files(url)] == [1, 2, 3]
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write, max_rows=7)
-    try:
+    with _mover(url, max_rows=7) as mover:
         assert mover.move() == 7 + 7 + 5   # a batch from each file
         assert [f.number for f in spool_files(url)] == [1, 2, 3]
         assert len(unmoved(url)) == 6
@@ -178,9 +180,6 @@ def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyP
         assert spool.number == 3
         asyncio.run(_accept(spool, [_env(100)]))
         assert mover.move() == 1
-    finally:
-        mover.close()
-        write.dispose()
     assert len(inbound_rows(url)) == 26
     assert {r.deliveries for r in inbound_rows(url)} == {1}
     spool.close()
@@ -191,9 +190,7 @@ def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
     (ids from 1 again) must not have its mail skipped as "already moved"."""
     spool = _spool_at(url)
     asyncio.run(_accept(spool, [_env(i) for i in range(3)]))
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write)
-    try:
+    with _mover(url) as mover:
         assert mover.move() == 3
         spool.close()
         path = spool.path
@@ -203,9 +200,6 @@ def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
         assert spool.path == path
         asyncio.run(_accept(spool, [_env(10, tag="again")]))
         assert mover.move() == 1
-    finally:
-        mover.close()
-        write.dispose()
     assert [r.message_id for r in inbound_rows(url)][-1] == "<again.10@example.org>"
     engine = db.make_engine(url)
     with engine.connect() as conn:
@@ -251,13 +245,8 @@ def test_a_damaged_spool_does_not_stop_the_others(url: str, tmp_path: Path) -> N
     (tmp_path / "router.spool-3-1.db").write_bytes(b"not a database" * 100)
     spool = _spool_at(url, 0)
     asyncio.run(_accept(spool, [_env(1)]))
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write)
-    try:
+    with _mover(url) as mover:
         assert mover.move() == 1
-    finally:
-        mover.close()
-        write.dispose()
     assert [r.message_id for r in inbound_rows(url)] == ["<m.1@example.org>"]
     spool.close()
 
@@ -281,13 +270,8 @@ def test_a_failed_rotation_loses_nothing(url: str, monkeypatch: pytest.MonkeyPat
     assert failed and spool.number == 1
     asyncio.run(_accept(spool, [_env(2)]))
     assert spool.number == 2
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write)
-    try:
+    with _mover(url) as mover:
         assert mover.move() == 3
-    finally:
-        mover.close()
-        write.dispose()
     spool.close()
 
 

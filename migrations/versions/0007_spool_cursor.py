@@ -1,4 +1,5 @@
-"""spool_cursor: how far each SMTP intake spool was moved into inbound
+"""spool_cursor: how far each SMTP intake spool was moved into inbound; inbound.message_id
+index (a reply looks for its original among the messages not routed yet)
 
 Revision ID: 0007
 Revises: 0006
@@ -26,7 +27,11 @@ def upgrade() -> None:
         sa.Column('moved_at', router.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint('spool'),
     )
+    with op.batch_alter_table('inbound', schema=None) as batch_op:
+        batch_op.create_index('ix_inbound_message_id', ['message_id'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('inbound', schema=None) as batch_op:
+        batch_op.drop_index('ix_inbound_message_id')
     op.drop_table('spool_cursor')
