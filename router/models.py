@@ -82,8 +82,10 @@ class Inbound(SQLModel, table=True):
     ticket_id: int | None = Field(default=None, index=True)
     processed_at: datetime | None = _utc()
 
-    # message_id: a reply looks for its original among the messages not routed yet.
+    # status/received_at: the pipeline takes messages in order of arrival; message_id: a
+    # reply looks for its original among the messages not routed yet.
     __table_args__ = (Index("ix_inbound_status_id", "status", "id"),
+                      Index("ix_inbound_status_received", "status", "received_at", "id"),
                       Index("ix_inbound_message_id", "message_id"))
 
 

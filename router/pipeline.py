@@ -178,6 +178,9 @@ class ParentPending(Exception):
 # (with a status condition SQLite would scan every message not routed yet).
 _NAMED = select(T_INBOUND.c.id, T_INBOUND.c.status, T_INBOUND.c.received_at).where(
     T_INBOUND.c.message_id.in_(bindparam("keys", expanding=True)))
+# Messages are routed in order of arrival, so an original is routed before the replies
+# to it that wait for it (`_check_parents`), whatever order they were stored in.
+_ARRIVAL = (T_INBOUND.c.received_at, T_INBOUND.c.id)
 _CUSTOMER_FACTS = select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes,
                          T_CUSTOMER.c.language).where(T_CUSTOMER.c.email == bindparam("email"))
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
@@ -270,7 +273,7 @@ class Pipeline:
             size = 0
             # The batch holds every message parsed at once: bounded in bytes as well, so a
             # few large mails do not make a worker's memory balloon.
-            for row in conn.execute(query.order_by(T_INBOUND.c.id).limit(self.batch_size)):
+            for row in conn.execute(query.order_by(*_ARRIVAL).limit(self.batch_size)):
                 if ids and size + row.size > self.batch_bytes:
                     break
                 ids.append(row.id)
@@ -278,33 +281,34 @@ class Pipeline:
             if not ids:
                 return 0
             rows = conn.execute(select(*T_INBOUND.c).where(T_INBOUND.c.id.in_(ids))
-                                .order_by(T_INBOUND.c.id)).all()
+                                .order_by(*_ARRIVAL)).all()
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()
             # The costly part (parsing, language, rules, the classifier) runs before the
             # write lock is taken: intake's commits wait for the database writes only.
             prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
-        ids = sorted(prepared)
+        todo = list(prepared)  # in order of arrival
         cols = [c for c in T_INBOUND.c if c.name != "raw"]
         done_before = self.processed + self.parked
-        while ids:
+        while todo:
             # On SQLite the write lock is given up after one slice of time.
             with self.write_engine.begin() as conn:
-                query = (select(*cols).where(T_INBOUND.c.id.in_(ids))
-                         .where(T_INBOUND.c.status == InboundStatus.NEW)
-                         .order_by(T_INBOUND.c.id))
+                query = (select(*cols).where(T_INBOUND.c.id.in_(todo))
+                         .where(T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL))
                 if not self.sqlite:
                     query = query.with_for_update(skip_locked=True)
                 slice_end = time.monotonic() + self.lock_slice
-                last = ids[-1]
+                handled: set[int] = set()
                 for inbound in conn.execute(query).all():
                     self._handle_one(conn, inbound, prepared[inbound.id], settings)
+                    handled.add(inbound.id)
                     if time.monotonic() > slice_end:
-                        last = inbound.id
                         break
-            ids = [i for i in ids if i > last]
-            if ids:
+                else:
+                    break  # the whole batch
+            todo = [i for i in todo if i not in handled]
+            if todo:
                 time.sleep(self.lock_pause)  # let a waiting writer in
         return self.processed + self.parked - done_before
 

@@ -1,5 +1,5 @@
-"""spool_cursor: how far each SMTP intake spool was moved into inbound; inbound.message_id
-index (a reply looks for its original among the messages not routed yet)
+"""spool_cursor: how far each SMTP intake spool was moved into inbound; inbound indexes
+for routing in order of arrival and for a reply's look for its original
 
 Revision ID: 0007
 Revises: 0006
@@ -29,9 +29,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('inbound', schema=None) as batch_op:
         batch_op.create_index('ix_inbound_message_id', ['message_id'], unique=False)
+        batch_op.create_index('ix_inbound_status_received', ['status', 'received_at', 'id'],
+                              unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('inbound', schema=None) as batch_op:
+        batch_op.drop_index('ix_inbound_status_received')
         batch_op.drop_index('ix_inbound_message_id')
     op.drop_table('spool_cursor')
