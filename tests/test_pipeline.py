@@ -8,6 +8,7 @@ import hashlib
 import json
 import sysconfig
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlmodel import select
 
 from router import settings as config
 from router.bounce import is_dsn
+from router.intake.accept import Envelope, accept_sync
 from router.mail import dedupe_key, parse
 from router.models import (
     Article,
@@ -422,6 +424,30 @@ def test_workers_split_the_messages_and_a_reply_waits_for_its_parent(store: Stor
     assert {x.status for x in rows.values()} == {InboundStatus.DONE}
     assert rows[1].ticket_id == rows[2].ticket_id != rows[3].ticket_id
     assert len(all_of(store, Ticket)) == 2
+
+
+def test_messages_are_routed_in_order_of_arrival(store: Store) -> None:
+    """Mail moved from intake's spools can be stored after a reply that arrived later. Taken
+    by storage order, a batch of such replies would wait for originals behind it forever;
+    taken by arrival, the original comes first and the reply threads onto it."""
+    now = datetime.now(UTC)
+    reply = make_mail(subject="Re: lost parcel", in_reply_to="<parcel@example.org>",
+                      references="<parcel@example.org>")
+    accept_sync(store.engine, Envelope("smtp", "", ["support@acme.test"], reply,
+                                       received_at=now))                             # id 1
+    accept_sync(store.engine, Envelope(
+        "smtp", "", ["support@acme.test"],
+        make_mail(subject="lost parcel", message_id="<parcel@example.org>"),
+        received_at=now - timedelta(seconds=1)))                                   # id 2
+    pipeline = Pipeline(store.url, store.current_settings, batch_size=1)
+    try:
+        assert pipeline.drain(timeout=10) == 2
+    finally:
+        pipeline.close()
+    rows = {x.id: x for x in all_of(store, Inbound)}
+    assert rows[1].ticket_id == rows[2].ticket_id
+    assert pipeline.deferred == 0
+    assert len(all_of(store, Ticket)) == 1
 
 
 # ---------------------------------------------------------------------------- PostgreSQL
