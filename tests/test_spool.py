@@ -305,3 +305,27 @@ def test_a_reply_moved_before_its_original_waits_for_it(tmp_path: Path) -> None:
     assert count_rows(url, Ticket) == 2
     first.close()
     second.close()
+
+
+def test_only_sealed_files_are_removed(url: str) -> None:
+    """A file is removed only after its intake process sealed it: a successor alone (the
+    empty file a failed rotation leaves) does not mean intake stopped writing to it."""
+    spool = _spool_at(url)
+    asyncio.run(_accept(spool, [_env(0)]))
+    stray = spool_file(url, 0, 2)
+    assert stray is not None
+    stray.touch()
+    with _mover(url) as mover:
+        assert mover.move() == 1
+        mover.move()
+        assert spool.path.exists()
+        asyncio.run(_accept(spool, [_env(1)]))
+        assert mover.move() == 1
+        spool.close()
+        spool = _spool_at(url)  # a restart carries on in file 2 and seals file 1
+        assert spool.number == 2
+        mover.move()
+        first = spool_file(url, 0, 1)
+        assert first is not None and not first.exists()
+    assert len(inbound_rows(url)) == 2
+    spool.close()

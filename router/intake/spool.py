@@ -10,11 +10,12 @@ commit and the same durability (WAL, ``synchronous=FULL``), and no lock shared w
 A pipeline worker moves what was spooled into ``inbound`` (`SpoolMover`): one transaction
 inserts the rows and advances that file's ``spool_cursor`` row, so a crash at any instant
 moves each message exactly once. Nothing is ever deleted from a spool: after `ROTATE_ROWS`
-messages (or `ROTATE_BYTES`) intake starts file ``n + 1``, and a file with a successor that
-has been moved completely is removed whole. Deleting moved rows one by one instead cost more
-than moving them, and held up intake while it ran. A spool file names itself with an id kept
-inside it, so a file made again under the same name starts a new cursor instead of being
-taken as moved. Spools left by a larger ``[smtp] processes`` are found by name and drained.
+messages (or `ROTATE_BYTES`) intake starts file ``n + 1`` and seals file ``n`` (its last
+write there), and a sealed file that has been moved completely is removed whole. Deleting
+moved rows one by one instead cost more than moving them, and held up intake while it ran.
+A spool file names itself with an id kept inside it, so a file made again under the same
+name starts a new cursor instead of being taken as moved. Spools left by a larger
+``[smtp] processes`` are found by name and drained.
 
 PostgreSQL locks rows, not the database: there, and for the pipe and tools, intake writes to
 ``inbound`` directly.
@@ -81,6 +82,8 @@ T_SPOOL_META = Table("spool_meta", _META, Column("key", String(32), primary_key=
                      Column("value", Text, nullable=False))
 
 _SPOOL_ID = select(T_SPOOL_META.c.value).where(T_SPOOL_META.c.key == "id")
+_SEALED = select(T_SPOOL_META.c.value).where(T_SPOOL_META.c.key == "sealed")
+_SEAL = sqlite.insert(T_SPOOL_META).values(key="sealed", value="1").on_conflict_do_nothing()
 _CURSOR = select(T_SPOOL_CURSOR.c.moved_through).where(
     T_SPOOL_CURSOR.c.spool == bindparam("spool"))
 _CURSORS = select(T_SPOOL_CURSOR.c.spool, T_SPOOL_CURSOR.c.moved_through)
@@ -159,7 +162,10 @@ class Spool:
         self.index = index
         self._log = log.get("router.intake.spool")
         mine = [f for f in spool_files(url) if f.index == index]
-        # Carry on in the newest file: an older one may be removed once moved.
+        # Carry on in the newest file. The older ones get no more mail: say so in them (a
+        # predecessor may have died between starting a file and sealing the one before).
+        for f in mine[:-1]:
+            self._seal(f.path)
         self._open(mine[-1].number if mine else 1)
 
     @classmethod
@@ -191,9 +197,28 @@ class Spool:
                 self._log.warning("spool_rotate_failed", spool=str(self.path),
                                   error=f"{type(exc).__name__}: {exc}")
                 return
+            # Only a sealed file may be removed once moved: the seal is the last write to it.
+            old_path = spool_file(self.url, self.index, self.number - 1)
+            assert old_path is not None
+            try:
+                write_rows(old, _SEAL, [{}])
+            except Exception as exc:  # it stays on disk, moved, until the next start
+                self._log.warning("spool_seal_failed", spool=str(old_path),
+                                  error=f"{type(exc).__name__}: {exc}")
             # Closing the last connection checkpoints the WAL into the file, which takes a
             # while for a full one: not on the way to the next 250.
             threading.Thread(target=old.dispose, name="spool-close", daemon=True).start()
+
+    def _seal(self, path: Path) -> None:
+        engine = make_engine(f"sqlite:///{path}")
+        try:
+            with engine.begin() as conn:
+                conn.execute(_SEAL)
+        except Exception as exc:  # a damaged leftover: the mover reports it
+            self._log.warning("spool_seal_failed", spool=str(path),
+                              error=f"{type(exc).__name__}: {exc}")
+        finally:
+            engine.dispose()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -245,9 +270,6 @@ class SpoolMover:
             self._sources.pop(gone).engine.dispose()
         if not files:
             return 0
-        newest: dict[int, int] = {}
-        for f in files:
-            newest[f.index] = max(newest.get(f.index, 0), f.number)
         sources: dict[Path, _Source | None] = {}
         for f in files:
             try:
@@ -270,7 +292,7 @@ class SpoolMover:
             try:
                 moved, done = self._move_one(f.path, src)
                 n += moved
-                if done and f.number < newest[f.index]:
+                if done:
                     self._remove(f.path)
             except Exception as exc:
                 self._failed(f.path, exc)
@@ -314,15 +336,18 @@ class SpoolMover:
         return src if src.id is not None else None
 
     def _move_one(self, path: Path, src: _Source) -> tuple[int, bool]:
-        """Move one batch of `path`; returns (messages moved, nothing left to move)."""
+        """Move one batch of `path`; returns (messages moved, whether the file is done with:
+        sealed by its intake process and moved to its last row)."""
         assert src.id is not None
         with src.engine.connect() as sc:
+            # Read before the rows: nothing is written to a file after its seal.
+            sealed = sc.execute(_SEALED).scalar() is not None
             start = src.moved
             heads = sc.execute(select(T_SPOOLED.c.id, T_SPOOLED.c.size)
                                .where(T_SPOOLED.c.id > start)
                                .order_by(T_SPOOLED.c.id).limit(self.max_rows)).all()
             if not heads:
-                return 0, True
+                return 0, sealed
             last, size = heads[0].id, 0
             for h in heads:  # bounded in bytes as well: the batch is held in memory
                 if size and size + h.size > self.max_bytes:
@@ -368,7 +393,7 @@ class SpoolMover:
         return False
 
     def _remove(self, path: Path) -> None:
-        """A full spool file, moved to its last row: its intake process writes to a newer
+        """A sealed spool file, moved to its last row: its intake process writes to a newer
         one and never to this again."""
         src = self._sources.pop(path, None)
         if src is not None:
