@@ -437,7 +437,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
             cpu0 = tree_cpu(proc.pid)
             routed = send("router", port, "main")
             accept_done = time.perf_counter() - t0
-            # How far routing got while intake ran: it shares the CPU and the write lock.
+            # How far routing got while intake ran: the two share the CPU.
             total, pending = pipeline_done(db)
             routed_during_intake = 0 if intake_only else total - pending - warmup
             while True:
