@@ -187,7 +187,8 @@ _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).valu
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
 
-def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any) -> None:
+def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any,
+                   mover: SpoolMover | None) -> None:
     keys = [*parsed.in_reply_to, *parsed.references]
     if not keys:
         return
@@ -198,6 +199,9 @@ def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any) -> None:
     for row in conn.execute(_NAMED, {"keys": keys}):
         if row.status == InboundStatus.NEW and (row.received_at, row.id) < me:
             raise ParentPending(row.id)
+    # ... or for one still in a spool, moved a moment later than the reply.
+    if mover is not None and mover.holds(keys):
+        raise ParentPending("spooled")
 
 
 @dataclass
@@ -236,7 +240,8 @@ class Pipeline:
         self.lock_slice = 0.050 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
         # SMTP intake on SQLite commits into spools of its own; moving them is our job.
-        self.mover = SpoolMover(url, self.write_engine, clock=clock) if self.sqlite else None
+        self.mover = SpoolMover(url, self.read_engine, self.write_engine,
+                                clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
         self.wake = threading.Event()
         self._log = log.get("router.pipeline")
@@ -286,7 +291,7 @@ class Pipeline:
             # started with.
             settings = self.settings_provider()
             # The costly part (parsing, language, rules, the classifier) runs before the
-            # write lock is taken: intake's commits wait for the database writes only.
+            # write lock is taken: other writers wait for the database writes only.
             prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
         todo = list(prepared)  # in order of arrival
         cols = [c for c in T_INBOUND.c if c.name != "raw"]
@@ -393,10 +398,7 @@ class Pipeline:
         match = prepared.match if prepared is not None and prepared.match is not None \
             else find_thread(conn, parsed, settings)
         if match is None:
-            _check_parents(conn, parsed, inbound)
-            if self.mover is not None and self.mover.holds(
-                    [*parsed.in_reply_to, *parsed.references]):
-                raise ParentPending("spooled")
+            _check_parents(conn, parsed, inbound, self.mover)
         if match is not None:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)

@@ -57,12 +57,13 @@ async def _accept(spool: Spool, envs: list[Envelope]) -> None:
 
 @contextlib.contextmanager
 def _mover(url: str, **kw: Any) -> Iterator[SpoolMover]:
-    write = db.make_engine(url, immediate=True)
-    mover = SpoolMover(url, write, **kw)
+    read, write = db.make_engine(url), db.make_engine(url, immediate=True)
+    mover = SpoolMover(url, read, write, **kw)
     try:
         yield mover
     finally:
         mover.close()
+        read.dispose()
         write.dispose()
 
 
@@ -131,25 +132,21 @@ def test_two_movers_at_once_move_each_message_once(url: str) -> None:
     of them from inserting the same rows (which would count them as two deliveries)."""
     spool = _spool_at(url)
     asyncio.run(_accept(spool, [_env(i) for i in range(300)]))
-    engines = [db.make_engine(url, immediate=True) for _ in range(2)]
-    movers = [SpoolMover(url, e, max_rows=16) for e in engines]
     moved = [0, 0]
 
     def run(k: int) -> None:
-        while True:
-            n = movers[k].move()
-            moved[k] += n
-            if not n and not unmoved(url):
-                return
+        with _mover(url, max_rows=16) as mover:
+            while True:
+                n = mover.move()
+                moved[k] += n
+                if not n and not unmoved(url):
+                    return
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    for m, e in zip(movers, engines, strict=True):
-        m.close()
-        e.dispose()
     rows = inbound_rows(url)
     assert sum(moved) == 300 and len(rows) == 300
     assert {r.deliveries for r in rows} == {1}

@@ -97,7 +97,7 @@ def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
     tenth of a second on every sender waiting in this batch whenever another writer holds
-    the lock for a moment (the pipeline, or the spool's mover deleting moved rows). Intake
+    the lock for a moment (the pipeline, when intake writes to the database itself). Intake
     engines therefore fail fast on a held lock and retry here in sub-millisecond steps."""
     deadline = time.monotonic() + lock_wait
     pause = 0.0002
@@ -116,7 +116,8 @@ def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
 
 def intake_engine(url: str) -> Engine:
     """The engine intake writes through: fast lock retries, no WAL checkpoints on the path
-    to a 250 (the pipeline's commits run them)."""
+    to a 250 (on the database the pipeline's commits run them; a spool file is removed
+    whole, never checkpointed)."""
     if is_sqlite(url):
         return make_engine(url, busy_ms=0, autocheckpoint=False)
     return make_engine(url)

@@ -170,7 +170,9 @@ class Spool:
 
     @classmethod
     def for_database(cls, url: str, index: int) -> Spool | None:
-        return cls(url, index) if spool_file(url, index, 1) is not None else None
+        """Intake process `index`'s spool, or None where intake writes to the database
+        itself (PostgreSQL, SQLite in memory)."""
+        return cls(url, index) if _database_file(url) is not None else None
 
     def _open(self, number: int) -> None:
         path = spool_file(self.url, self.index, number)
@@ -188,7 +190,7 @@ class Spool:
         self.rows_written += len(rows)
         self.bytes_written += sum(r["size"] for r in rows)
         if self.rows_written >= ROTATE_ROWS or self.bytes_written >= ROTATE_BYTES:
-            old = self.engine
+            old, old_path = self.engine, self.path
             try:
                 self._open(self.number + 1)
             except Exception as exc:
@@ -198,8 +200,6 @@ class Spool:
                                   error=f"{type(exc).__name__}: {exc}")
                 return
             # Only a sealed file may be removed once moved: the seal is the last write to it.
-            old_path = spool_file(self.url, self.index, self.number - 1)
-            assert old_path is not None
             try:
                 write_rows(old, _SEAL, [{}])
             except Exception as exc:  # it stays on disk, moved, until the next start
@@ -244,9 +244,13 @@ class SpoolMover:
     """The pipeline side: moves spooled mail into `inbound`, in the worker's own write
     transactions, and removes spool files that are done with."""
 
-    def __init__(self, url: str, write_engine: Engine, *, clock: Clock = system_clock,
-                 max_rows: int = 512, max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, url: str, read_engine: Engine, write_engine: Engine, *,
+                 clock: Clock = system_clock, max_rows: int = 512,
+                 max_bytes: int = 32 * 1024 * 1024) -> None:
         self.url = url
+        # Reads go through `read_engine`: on SQLite the write engine begins IMMEDIATE, and
+        # a read through it would wait for the other workers' write lock.
+        self.read_engine = read_engine
         self.write_engine = write_engine
         self.clock = clock
         self.max_rows = max_rows
@@ -255,7 +259,6 @@ class SpoolMover:
         self._sources: dict[Path, _Source] = {}
         self._failing: set[Path] = set()
         self._log = log.get("router.intake.spool")
-        self.moved = 0
 
     def close(self) -> None:
         for src in self._sources.values():
@@ -279,7 +282,7 @@ class SpoolMover:
                 self._failed(f.path, exc)
         # Where each spool stands, in one read: another worker may have moved since.
         ids = [s.id for s in sources.values() if s is not None and s.id is not None]
-        with self.write_engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             cursors: dict[str, int] = {k: int(v) for k, v in conn.execute(
                 _CURSORS.where(T_SPOOL_CURSOR.c.spool.in_(ids))).all()} if ids else {}
         n = 0
@@ -300,7 +303,6 @@ class SpoolMover:
                 if f.path in self._failing:
                     self._failing.discard(f.path)
                     self._log.info("spool_move_recovered", spool=str(f.path))
-        self.moved += n
         return n
 
     def _failed(self, path: Path, exc: Exception) -> None:
