@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar, cast
 from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
 from sqlmodel import Session
 
-from router import agentmail, learn, log
+from router import agentmail, fastsql, learn, log
 from router.bounce import handle_dsn, is_dsn
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
@@ -132,8 +132,8 @@ class Handled:
             if not state.persistent or not state.committed_state:
                 continue
             changes = {key: state.dict[key] for key in state.committed_state}
-            self.conn.execute(_update_by_id(model, tuple(sorted(changes))),
-                              {"row_id": ident, **{f"v_{k}": v for k, v in changes.items()}})
+            fastsql.execute(self.conn, _update_by_id(model, tuple(sorted(changes))),
+                            {"row_id": ident, **{f"v_{k}": v for k, v in changes.items()}})
             # Written: the flush below need not look at it again.
             session.expunge(obj)
         # A flush, not commit(): in "rollback_only" mode commit() only flushes too, after a
@@ -168,6 +168,23 @@ def sender_of(parsed: ParsedMail, inbound: Any) -> str:
     return normalize_address(parsed.sender_email or inbound.mail_from) or UNKNOWN_SENDER
 
 
+@dataclass
+class _Tally:
+    """What one write transaction did, counted once it commits."""
+
+    processed: int = 0
+    parked: int = 0
+    deferred: int = 0
+
+
+class _Redo(Exception):
+    """A message raised after it may have written rows: roll the slice back."""
+
+    def __init__(self, inbound_id: int) -> None:
+        super().__init__(inbound_id)
+        self.inbound_id = inbound_id
+
+
 class ParentPending(Exception):
     """The message answers one that arrived earlier and is still waiting for another worker
     (or instance): handled now it would open a ticket of its own instead of threading."""
@@ -183,6 +200,20 @@ _NAMED = select(T_INBOUND.c.id, T_INBOUND.c.status, T_INBOUND.c.received_at).whe
 _ARRIVAL = (T_INBOUND.c.received_at, T_INBOUND.c.id)
 _CUSTOMER_FACTS = select(T_CUSTOMER.c.vip, T_CUSTOMER.c.attributes,
                          T_CUSTOMER.c.language).where(T_CUSTOMER.c.email == bindparam("email"))
+_CUSTOMER_LANGUAGE = update(T_CUSTOMER).where(T_CUSTOMER.c.id == bindparam("cid")).values(
+    language=bindparam("language"))
+_NEXT_NEW = (select(T_INBOUND.c.id, T_INBOUND.c.size)
+             .where(T_INBOUND.c.status == InboundStatus.NEW,
+                    T_INBOUND.c.id % bindparam("parts") == bindparam("part"))
+             .order_by(*_ARRIVAL).limit(bindparam("limit")))
+_BATCH = select(*T_INBOUND.c).where(
+    T_INBOUND.c.id.in_(bindparam("ids", expanding=True))).order_by(*_ARRIVAL)
+# The batch's messages still new, without their raw bytes (parsed already): on PostgreSQL
+# locked, and those another instance holds skipped.
+_PENDING = (select(*(c for c in T_INBOUND.c if c.name != "raw"))
+            .where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True)),
+                   T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL))
+_PENDING_LOCKED = _PENDING.with_for_update(skip_locked=True)
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
@@ -196,7 +227,7 @@ def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any,
     # two messages naming each other cannot wait for each other). Not by id alone: mail
     # moved from intake's spools can be stored after a reply that arrived later.
     me = (inbound.received_at, inbound.id)
-    for row in conn.execute(_NAMED, {"keys": keys}):
+    for row in fastsql.execute(conn, _NAMED, {"keys": keys}):
         if row.status == InboundStatus.NEW and (row.received_at, row.id) < me:
             raise ParentPending(row.id)
     # ... or for one still in a spool, moved a moment later than the reply.
@@ -240,6 +271,7 @@ class Pipeline:
         self.lock_slice = 0.050 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
         # SMTP intake on SQLite commits into spools of its own; moving them is our job.
+        self._pending = _PENDING if self.sqlite else _PENDING_LOCKED
         self.mover = SpoolMover(url, self.read_engine, self.write_engine,
                                 clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
@@ -269,24 +301,20 @@ class Pipeline:
         if self.mover is not None:
             self.mover.move()
         index, count = self.part
-        query = select(T_INBOUND.c.id, T_INBOUND.c.size).where(
-            T_INBOUND.c.status == InboundStatus.NEW)
-        if count > 1:
-            query = query.where(T_INBOUND.c.id % count == index)
         with self.read_engine.connect() as conn:
             ids = []
             size = 0
             # The batch holds every message parsed at once: bounded in bytes as well, so a
             # few large mails do not make a worker's memory balloon.
-            for row in conn.execute(query.order_by(*_ARRIVAL).limit(self.batch_size)):
+            for row in fastsql.execute(conn, _NEXT_NEW, {"parts": count, "part": index,
+                                                         "limit": self.batch_size}):
                 if ids and size + row.size > self.batch_bytes:
                     break
                 ids.append(row.id)
                 size += row.size
             if not ids:
                 return 0
-            rows = conn.execute(select(*T_INBOUND.c).where(T_INBOUND.c.id.in_(ids))
-                                .order_by(*_ARRIVAL)).all()
+            rows = fastsql.execute(conn, _BATCH, {"ids": ids}).all()
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()
@@ -294,25 +322,34 @@ class Pipeline:
             # write lock is taken: other writers wait for the database writes only.
             prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
         todo = list(prepared)  # in order of arrival
-        cols = [c for c in T_INBOUND.c if c.name != "raw"]
         done_before = self.processed + self.parked
+        # Messages that raised once: handled again inside a savepoint of their own.
+        guarded: set[int] = set()
         while todo:
-            # On SQLite the write lock is given up after one slice of time.
-            with self.write_engine.begin() as conn:
-                query = (select(*cols).where(T_INBOUND.c.id.in_(todo))
-                         .where(T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL))
-                if not self.sqlite:
-                    query = query.with_for_update(skip_locked=True)
-                slice_end = time.monotonic() + self.lock_slice
-                handled: set[int] = set()
-                for inbound in conn.execute(query).all():
-                    self._handle_one(conn, inbound, prepared[inbound.id], settings)
-                    handled.add(inbound.id)
-                    if time.monotonic() > slice_end:
-                        break
-                else:
-                    break  # the whole batch
-            todo = [i for i in todo if i not in handled]
+            tally = _Tally()
+            handled: list[int] = []
+            try:
+                # On SQLite the write lock is given up after one slice of time.
+                with self.write_engine.begin() as conn:
+                    slice_end = time.monotonic() + self.lock_slice
+                    for inbound in fastsql.execute(conn, self._pending, {"ids": todo}).all():
+                        self._handle_one(conn, inbound, prepared[inbound.id], settings,
+                                         tally, guarded=inbound.id in guarded)
+                        handled.append(inbound.id)
+                        if time.monotonic() > slice_end:
+                            break
+                    else:
+                        handled = todo  # the whole batch
+            except _Redo as redo:
+                # Rolled back whole, so nothing of this slice was written: again, with the
+                # message that raised in a savepoint, where it is parked if it raises again.
+                guarded.add(redo.inbound_id)
+                continue
+            self.processed += tally.processed
+            self.parked += tally.parked
+            self.deferred += tally.deferred
+            left = set(handled)
+            todo = [i for i in todo if i not in left]
             if todo:
                 time.sleep(self.lock_pause)  # let a waiting writer in
         return self.processed + self.parked - done_before
@@ -331,7 +368,7 @@ class Pipeline:
         if out.match is not None:
             return out  # a reply: nothing to classify
         sender = sender_of(parsed, inbound)
-        row = conn.execute(_CUSTOMER_FACTS, {"email": sender}).first()
+        row = fastsql.execute(conn, _CUSTOMER_FACTS, {"email": sender}).first()
         out.customer = _facts(row.vip, row.attributes, row.language) if row is not None \
             else _facts(False, None, None)
         try:
@@ -351,24 +388,42 @@ class Pipeline:
         return classify(parsed, context, language_hint=language)
 
     def _handle_one(self, conn: Connection, inbound: Any, prepared: Prepared,
-                    settings: Settings) -> None:
+                    settings: Settings, tally: _Tally, *, guarded: bool) -> None:
+        """Route one message in the slice's transaction. A savepoint per message would cost
+        two statements each, and messages almost never raise: one that does rolls the whole
+        slice back (`_Redo`), and is handled again `guarded`, in a savepoint of its own."""
+        if not guarded:
+            try:
+                if isinstance(prepared.parsed, BaseException):
+                    raise prepared.parsed
+                self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
+            except ParentPending as wait:
+                # Raised before the message wrote anything: it stays new, and a later batch
+                # takes it after its parent.
+                tally.deferred += 1
+                self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
+                return
+            except Exception as exc:
+                raise _Redo(inbound.id) from exc
+            tally.processed += 1
+            return
         savepoint = conn.begin_nested()
         try:
             if isinstance(prepared.parsed, BaseException):
                 raise prepared.parsed
             self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
             savepoint.commit()
-            self.processed += 1
+            tally.processed += 1
         except ParentPending as wait:
-            savepoint.rollback()  # stays new; a later batch takes it after its parent
-            self.deferred += 1
+            savepoint.rollback()
+            tally.deferred += 1
             self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
         except Exception as exc:
             savepoint.rollback()
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.PARKED, error=traceback.format_exc(),
                 attempts=inbound.attempts + 1, processed_at=self.clock()))
-            self.parked += 1
+            tally.parked += 1
             self._log.error("message_parked", inbound_id=inbound.id,
                             error=f"{type(exc).__name__}: {exc}")
 
@@ -392,13 +447,14 @@ class Pipeline:
         # of the team: it must be judged here, before it could thread or open a ticket.
         if agentmail.handle_reply(conn, inbound, parsed, settings, self.clock()):
             return None
-        sender = sender_of(parsed, inbound)
-        customer = customer_for(conn, sender, parsed.sender_name, at)
-        version = settings.digest[:16] or None
         match = prepared.match if prepared is not None and prepared.match is not None \
             else find_thread(conn, parsed, settings)
         if match is None:
+            # Before anything is written for this message: waiting leaves nothing to undo.
             _check_parents(conn, parsed, inbound, self.mover)
+        sender = sender_of(parsed, inbound)
+        customer = customer_for(conn, sender, parsed.sender_name, at)
+        version = settings.digest[:16] or None
         if match is not None:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)
@@ -425,8 +481,8 @@ class Pipeline:
                 return None
             language = decision.language or customer.language
             if language and not customer.language:
-                conn.execute(update(T_CUSTOMER).where(T_CUSTOMER.c.id == customer.id)
-                             .values(language=language))
+                fastsql.execute(conn, _CUSTOMER_LANGUAGE, {"cid": customer.id,
+                                                           "language": language})
                 customer.row["language"] = language
             written = open_ticket(
                 conn, decision=decision, customer=customer, parsed=parsed, inbound=inbound,
@@ -434,7 +490,8 @@ class Pipeline:
             send_alerts(conn, settings, decision, written.ticket_id, parsed, at)
             new = True
         ticket_id = written.ticket_id
-        conn.execute(_INBOUND_DONE, {"iid": inbound.id, "tid": ticket_id, "at": self.clock()})
+        fastsql.execute(conn, _INBOUND_DONE,
+                        {"iid": inbound.id, "tid": ticket_id, "at": self.clock()})
         handled = Handled(inbound, parsed, ticket_id, written.article_id, customer, new,
                           settings, at, decision if new else None, conn)
         handled.know(Ticket, written.ticket)

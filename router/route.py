@@ -7,8 +7,9 @@ Threading keys, tried in this order; the first that names an existing ticket win
 A reply never opens a new ticket when one of these matches; a reply to a solved or closed
 ticket reopens it.
 
-This is the pipeline's hot path, so it speaks SQLAlchemy Core on the model tables: the ORM
-costs 5–15× per row here (PERF-NOTES), and a message touches about ten rows.
+This is the pipeline's hot path, so it speaks SQLAlchemy Core on the model tables, statements
+built once and run through `router.fastsql`: the ORM costs 5–15× per row here (PERF-NOTES),
+`Connection.execute` still 3×, and a message touches about ten rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from router import fastsql
 from router.classify import Decision
 from router.mail import ParsedMail
 from router.models import (
@@ -86,15 +88,15 @@ class ThreadMatch:
 
 def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> ThreadMatch | None:
     for m in token_pattern(settings.router.ticket_token).finditer(parsed.subject):
-        row = conn.execute(_SEL_TICKET_STATUS, {"tid": int(m.group(1))}).first()
+        row = fastsql.execute(conn, _SEL_TICKET_STATUS, {"tid": int(m.group(1))}).first()
         if row is not None:
             return ThreadMatch(row.id, row.status, "subject-token", m.group(0))
     keyed = [("in-reply-to", mid) for mid in parsed.in_reply_to]
     keyed += [("references", mid) for mid in reversed(parsed.references)]
     if not keyed:
         return None
-    found = {r.message_id: r for r in conn.execute(
-        _SEL_THREAD, {"mids": [mid for _, mid in keyed]})}
+    found = {r.message_id: r for r in fastsql.execute(
+        conn, _SEL_THREAD, {"mids": [mid for _, mid in keyed]})}
     for key, mid in keyed:
         if mid in found:
             return ThreadMatch(found[mid].id, found[mid].status, key, mid)
@@ -128,7 +130,7 @@ def customer_for(conn: Connection, email: str, name: str, now: datetime) -> Cust
     """One customer record per mail address, whichever role address or channel it used.
     One upsert: atomic when two instances meet the same new customer (PostgreSQL), and
     it returns the whole row."""
-    row = conn.execute(_upsert_customer(conn.dialect.name), {
+    row = fastsql.execute(conn, _upsert_customer(conn.dialect.name), {
         "email": email, "name": name, "language": None, "vip": False, "created_at": now,
         "last_seen_at": now, "attributes": {}}).one()
     return CustomerRef(dict(row._mapping))
@@ -178,15 +180,15 @@ def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMa
         "subject": parsed.subject, "body_text": parsed.text, "body_html": parsed.html,
         "author": None, "malformed": parsed.malformed, "defects": parsed.defects[:50],
         "created_at": now}
-    article_id: int = conn.execute(_INS_ARTICLE, values).scalar_one()
+    article_id: int = fastsql.execute(conn, _INS_ARTICLE, values).scalar_one()
     values["id"] = article_id
     if parsed.attachments:
-        conn.execute(_INS_ATTACH, [
+        fastsql.execute(conn, _INS_ATTACH, [
             {"article_id": article_id, "filename": a.filename, "content_type": a.content_type,
              "size": a.size, "sha256": a.sha256, "inline": a.inline, "data": a.data}
             for a in parsed.attachments])
     if parsed.message_id:
-        conn.execute(_insert_ignore(conn.dialect.name, T_THREAD_KEY),
+        fastsql.execute(conn, _insert_ignore(conn.dialect.name, T_THREAD_KEY),
                      {"message_id": parsed.message_id, "ticket_id": ticket_id})
     return values
 
@@ -203,15 +205,15 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
         "promise_basis": None, "promise_kept": None, "next_due_at": None,
         "config_version": config_version, "tags": list(decision.tags),
         "campaign": decision.campaign.campaign.name if decision.campaign else None}
-    ticket_id: int = conn.execute(_INS_TICKET, ticket).scalar_one()
+    ticket_id: int = fastsql.execute(conn, _INS_TICKET, ticket).scalar_one()
     ticket["id"] = ticket_id
     article = add_article(conn, ticket_id, inbound, parsed, now)
-    conn.execute(_INS_DECISION, {
+    fastsql.execute(conn, _INS_DECISION, {
         "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": "route",
         "team": decision.team, "priority": decision.priority, "address": decision.address,
         "tag": decision.tag, "reason": decision.reason, "hits": decision.hits_json(),
         "config_version": config_version, "created_at": now})
-    conn.execute(_INS_EVENT, {
+    fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket_id, "kind": "created",
         "data": {"team": decision.team, "address": decision.address, "tag": decision.tag,
                  "inbound_id": inbound.id, "priority": decision.priority,
@@ -221,18 +223,18 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
 
 def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inbound: Any,
                 config_version: str | None, now: datetime) -> Written:
-    ticket = conn.execute(_SEL_TICKET, {"tid": match.ticket_id}).one()
+    ticket = fastsql.execute(conn, _SEL_TICKET, {"tid": match.ticket_id}).one()
     article = add_article(conn, ticket.id, inbound, parsed, now)
     reopened = ticket.status in (TicketStatus.SOLVED, TicketStatus.CLOSED)
-    fresh = conn.execute(_UPD_REPLIED, {"tid": ticket.id, "at": now}).one()
-    conn.execute(_INS_DECISION, {
+    fresh = fastsql.execute(conn, _UPD_REPLIED, {"tid": ticket.id, "at": now}).one()
+    fastsql.execute(conn, _INS_DECISION, {
         "ticket_id": ticket.id, "inbound_id": inbound.id, "kind": "thread",
         "team": ticket.team, "priority": ticket.priority, "address": ticket.address,
         "tag": ticket.tag, "reason": f"threaded by {match.key} {match.value}",
         "hits": [{"rule": "thread", "matched": True, "key": match.key, "value": match.value,
                   "reason": f"{match.key} {match.value} names ticket {ticket.id}"}],
         "config_version": config_version, "created_at": now})
-    conn.execute(_INS_EVENT, {
+    fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket.id,
         "kind": "reopened" if reopened else "customer_reply",
         "data": {"inbound_id": inbound.id, "by": match.key,

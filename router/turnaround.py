@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, bindparam, func, select
 
+from router import fastsql
 from router.models import T_TICKET, TicketStatus
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
     # Converting each answered ticket to business seconds is the costly part, and it is the
     # same for every new ticket until an answer arrives or one leaves the window: keep it,
     # keyed by what would change it.
-    signature = tuple(conn.execute(_SIGNATURE, params).one())
+    signature = tuple(fastsql.execute(conn, _SIGNATURE, params).one())
     ckey = calendar.cache_key()
     key = (team, ckey or "")
     cached = _HISTORY.get(key) if ckey is not None else None
@@ -226,7 +227,7 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
         samples, answered_at = cached[1], cached[2]
     else:
         samples, answered_at = [], []
-        for created, first in conn.execute(_SAMPLES, params).all():
+        for created, first in fastsql.execute(conn, _SAMPLES, params).all():
             if first is None:
                 continue
             samples.append(calendar.business_seconds(created, first))
@@ -235,7 +236,8 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
             if len(_HISTORY) > 256:
                 _HISTORY.clear()
             _HISTORY[key] = (signature, samples, answered_at)
-    backlog = int(conn.execute(_BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
+    backlog = int(fastsql.execute(
+        conn, _BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
 
     rate_start = calendar.add_business(now, -rate_hours * 3600.0)
     hours = calendar.business_seconds(rate_start, now) / 3600.0
