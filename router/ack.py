@@ -36,7 +36,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import Connection, bindparam, func, insert
 from sqlmodel import Session, select
 
-from router import log, turnaround
+from router import fastsql, log, turnaround
 from router.calendar import BusinessCalendar
 from router.clock import Clock
 from router.loopguard import automatic_reason
@@ -330,12 +330,12 @@ _AUTOMATIC_SINCE = select(func.count()).select_from(T_OUTBOX).where(
 def _count(session: Session, stmt: Any, **params: Any) -> int:
     if any(isinstance(o, Outbox) for o in session.new):
         session.flush()  # an outbox row added in this session counts too
-    return int(session.connection().execute(stmt, params).scalar_one())
+    return int(fastsql.execute(session.connection(), stmt, params).scalar_one())
 
 
 def _suppress(session: Session, ticket: Ticket, article: Article | None, parsed: ParsedMail,
               now: datetime, code: str, reason: str, promise: Promise | None) -> AckOutcome:
-    session.connection().execute(_INS_EVENT, {
+    fastsql.execute(session.connection(), _INS_EVENT, {
         "at": now, "ticket_id": ticket.id, "kind": "ack_suppressed",
         "data": {"rule": code, "reason": reason, "message_id": parsed.message_id,
                  "article_id": article.id if article else None}})
@@ -444,13 +444,13 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
                                  hostname=settings.smtp.hostname)
     assert ticket.id is not None
     conn = session.connection()
-    conn.execute(_INS_ARTICLE, {
+    fastsql.execute(conn, _INS_ARTICLE, {
         "ticket_id": ticket.id, "inbound_id": None, "kind": ArticleKind.OUT, "automatic": True,
         "message_id": row["message_id"], "sender": ticket.address, "sender_name": team.label,
         "recipients": list(row["rcpt_to"]), "subject": str(msg["Subject"]),
         "body_text": rendered.text, "body_html": rendered.html, "author": None,
         "malformed": False, "defects": [], "created_at": now})
-    conn.execute(_INS_EVENT, {
+    fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket.id, "kind": "ack_queued",
         "data": {"outbox_id": outbox_id, "message_id": row["message_id"],
                  "template": rendered.template, "language": rendered.language,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, func, insert
 from sqlmodel import Session, col, select
 
-from router import log
+from router import fastsql, log
 from router.models import T_EVENT, Event, Ticket, TicketStatus
 from router.settings import Team
 
@@ -103,7 +103,7 @@ def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> s
         if chosen is not None:
             ticket.assignee = chosen
             session.add(ticket)
-            session.connection().execute(_INS_EVENT, {
+            fastsql.execute(session.connection(), _INS_EVENT, {
                 "at": now, "ticket_id": ticket.id, "kind": "assigned",
                 "data": {"by": "router", "assignee": chosen, "previous": None,
                          "policy": policy, "team": team.name, "open": load[chosen]}})
@@ -112,7 +112,7 @@ def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> s
             return chosen
         reason = (f"all {len(people)} members of team {team.name} are at the cap of "
                   f"{team.max_open_per_agent} open tickets")
-    session.connection().execute(_INS_EVENT, {
+    fastsql.execute(session.connection(), _INS_EVENT, {
         "at": now, "ticket_id": ticket.id, "kind": "assignment_skipped",
         "data": {"policy": policy, "team": team.name, "reason": reason, "load": load}})
     _log.info("assignment skipped", ticket=ticket.id, team=team.name, policy=policy,

@@ -68,7 +68,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from router import log, sla
+from router import fastsql, log, sla
 from router.ack import our_addresses, record_first_response
 from router.clock import Clock, system_clock
 from router.db import make_engine
@@ -177,7 +177,7 @@ FiredKeys = set[tuple[str, int, str]]
 
 
 def fired_keys(session: Session, ticket_id: int) -> FiredKeys:
-    rows = session.connection().execute(_FIRED_KEYS, {"ticket_id": ticket_id}).all()
+    rows = fastsql.execute(session.connection(), _FIRED_KEYS, {"ticket_id": ticket_id}).all()
     return {(c, n, s) for c, n, s in rows}
 
 

@@ -28,6 +28,9 @@ from sqlalchemy.sql.base import Executable
 
 Params = dict[str, Any]
 _Processor = Callable[[Any], Any] | None
+# Where one parameter of the SQL comes from: (its name in the SQL, the caller's key, the
+# element of that list for an expanded IN, else a default to call, the bind processor).
+_Bind = tuple[str, str | None, int | None, Callable[[], Any] | None, _Processor]
 
 
 class Row(tuple[Any, ...]):
@@ -96,6 +99,7 @@ class _Plan:
         "binds",
         "compiled",
         "expanding",
+        "expansions",
         "keys",
         "named",
         "result_procs",
@@ -112,26 +116,32 @@ class _Plan:
         compiled: Any = stmt.compile(dialect=dialect, column_keys=list(keys))
         self.compiled = compiled
         self.sql: str = compiled.string
-        self.expanding = any(b.expanding for b in compiled.binds.values())
+        # (caller's key, list in the statement itself): `x.in_([...])` of constants is an
+        # expanding parameter too.
+        self.expanding = [(b.key, b.effective_value) for b in compiled.binds.values()
+                          if b.expanding]
+        # IN lists, by their lengths: the SQL and parameter order for each.
+        self.expansions: dict[tuple[int, ...], tuple[str, list[_Bind]]] = {}
         self.named = not compiled.positional
         defaults = {c.key: c.default for c in (*compiled.insert_prefetch,
                                                 *compiled.update_prefetch)}
         order = compiled.positiontup if compiled.positional else list(compiled.binds)
-        binds: list[tuple[str, str | None, Any, _Processor]] = []
+        binds: list[_Bind] = []
         for name in order:
             bind = compiled.binds[name]
             proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
             sql_name = compiled.escaped_bind_names.get(name, name)
             if bind.key in keys or name in keys:
-                binds.append((sql_name, bind.key if bind.key in keys else name, None, proc))
+                binds.append((sql_name, bind.key if bind.key in keys else name, None, None,
+                              proc))
             elif name in defaults:
-                binds.append((sql_name, None, _default(defaults[name], stmt), proc))
+                binds.append((sql_name, None, None, _default(defaults[name], stmt), proc))
             elif bind.required:
                 raise InvalidRequestError(f"A value is required for bind parameter "
                                           f"{bind.key!r}")
             else:
                 value = bind.effective_value
-                binds.append((sql_name, None, (lambda v=value: v), proc))
+                binds.append((sql_name, None, None, (lambda v=value: v), proc))
         self.binds = binds
         self.row_class: type[Row] | None = None
         self.result_types: list[Any] = []
@@ -141,13 +151,44 @@ class _Plan:
             self.row_class = _row_class([str(k) for k in columns.keys()])  # noqa: SIM118
             self.result_types = [c.type.dialect_impl(dialect) for c in columns]
 
-    def parameters(self, params: Params) -> Any:
+    def expand(self, params: Params) -> tuple[str, list[_Bind]]:
+        """The SQL and parameters for these lengths of the IN lists."""
+        lengths = tuple(len(params.get(k, v)) for k, v in self.expanding)
+        got = self.expansions.get(lengths)
+        if got is None:
+            state = self.compiled.construct_expanded_state(params)
+            elements = {}
+            for name, names in state.parameter_expansion.items():
+                for i, element in enumerate(names):
+                    elements[element] = (self.compiled.binds[name].key, i)
+            plain = {b[0]: b for b in self.binds}
+            binds: list[_Bind] = []
+            for name in state.positiontup or state.parameters:
+                if name in elements:
+                    key, i = elements[name]
+                    proc = state.processors.get(name)
+                    if key in params:
+                        binds.append((name, key, i, None, proc))
+                    else:
+                        value = state.parameters[name]
+                        binds.append((name, None, None, (lambda v=value: v), proc))
+                else:
+                    binds.append(plain[name])
+            got = self.expansions[lengths] = (state.statement, binds)
+        return got
+
+    def parameters(self, params: Params, binds: list[_Bind]) -> Any:
         values = []
-        for _name, key, default, proc in self.binds:
-            value = params[key] if key is not None else default()
+        for _name, key, element, default, proc in binds:
+            if key is None:
+                value = default()  # type: ignore[misc]
+            elif element is None:
+                value = params[key]
+            else:
+                value = params[key][element]
             values.append(proc(value) if proc is not None else value)
         if self.named:
-            return {b[0]: v for b, v in zip(self.binds, values, strict=True)}
+            return {b[0]: v for b, v in zip(binds, values, strict=True)}
         return tuple(values)
 
     def rows(self, conn: Connection, cursor: Any) -> list[Any]:
@@ -204,17 +245,13 @@ def execute(conn: Connection, stmt: Executable,
         conn.begin()  # as Connection.execute would: the engine's BEGIN (IMMEDIATE) runs
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
-    sql: str = plan.sql
+    sql, binds = plan.expand(first) if plan.expanding else (plan.sql, plan.binds)
     if many:
-        args: Any = [plan.parameters(p) for p in params]  # type: ignore[union-attr]
-    elif plan.expanding:
-        state = plan.compiled.construct_expanded_state(first)
-        sql = state.statement
-        procs = state.processors
-        values = {k: (procs[k](v) if k in procs else v) for k, v in state.parameters.items()}
-        args = tuple(values[k] for k in state.positiontup) if state.positiontup else values
+        if plan.expanding:
+            raise InvalidRequestError("fastsql: no executemany with IN lists")
+        args: Any = [plan.parameters(p, binds) for p in params]  # type: ignore[union-attr]
     else:
-        args = plan.parameters(first)
+        args = plan.parameters(first, binds)
     cursor = dbapi_conn.cursor()
     try:
         if many:

@@ -26,7 +26,7 @@ import aiosmtplib
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 from sqlmodel import Session
 
-from router import log
+from router import fastsql, log
 from router.clock import Clock
 from router.mail import msgid_normalize
 from router.models import T_OUTBOX, T_THREAD_KEY, Outbox, OutboxStatus, ThreadKey
@@ -114,9 +114,9 @@ def enqueue_row(conn: Connection, *, kind: str, msg: EmailMessage, ticket_id: in
     """`enqueue_core`, returning the row's id and its values (Message-ID, recipients ...)."""
     values = _outbox_values(kind=kind, msg=msg, ticket_id=ticket_id, customer_id=customer_id,
                             now=now, hostname=hostname)
-    row_id: int = conn.execute(_INSERT_OUTBOX, values).scalar_one()
+    row_id: int = fastsql.execute(conn, _INSERT_OUTBOX, values).scalar_one()
     if ticket_id is not None:
-        conn.execute(_INSERT_THREAD_KEY, {"message_id": values["message_id"],
+        fastsql.execute(conn, _INSERT_THREAD_KEY, {"message_id": values["message_id"],
                                           "ticket_id": ticket_id})
     return row_id, values
 

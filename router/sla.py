@@ -41,7 +41,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
-from router import log
+from router import fastsql, log
 from router.calendar import BusinessCalendar
 from router.models import T_SLA_CLOCK, SlaClock, Ticket, TicketStatus, loaded
 from router.settings import SLA_CLOCKS, Team
@@ -173,7 +173,7 @@ def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
     Read with Core: every customer reply asks, and the ORM query costs three times more.
     Clocks are only ever written with Core (`_write`), so nothing pending is missed."""
     out: dict[str, SlaClock] = {}
-    for row in session.connection().execute(_SEL_CLOCKS, {"tid": ticket_id}):
+    for row in fastsql.execute(session.connection(), _SEL_CLOCKS, {"tid": ticket_id}):
         held = session.identity_map.get(identity_key(SlaClock, (row.ticket_id, row.clock)))
         if held is None:
             held = loaded(SlaClock, dict(row._mapping))
@@ -198,8 +198,8 @@ def _write(session: Session, new: list[SlaClock]) -> None:
     """Insert new clocks with Core, in one statement (every new ticket makes two: the unit
     of work costs more than the rows), and put them in `session` for later changes."""
     if new:
-        session.connection().execute(
-            _INS_CLOCK, [{k: c.__dict__[k] for k in _CLOCK_COLUMNS} for c in new])
+        fastsql.execute(session.connection(), _INS_CLOCK,
+                        [{k: c.__dict__[k] for k in _CLOCK_COLUMNS} for c in new])
         session.add_all(new)
 
 
