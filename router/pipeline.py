@@ -27,7 +27,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, select, update
 from sqlmodel import Session
 
 from router import agentmail, fastsql, learn, log
@@ -206,6 +206,9 @@ _NEXT_NEW = (select(T_INBOUND.c.id, T_INBOUND.c.size)
              .where(T_INBOUND.c.status == InboundStatus.NEW,
                     T_INBOUND.c.id % bindparam("parts") == bindparam("part"))
              .order_by(*_ARRIVAL).limit(bindparam("limit")))
+_NEW_WAITING = select(func.count()).select_from(
+    select(T_INBOUND.c.id).where(T_INBOUND.c.status == InboundStatus.NEW)
+    .limit(bindparam("cap")).subquery())
 _BATCH = select(*T_INBOUND.c).where(
     T_INBOUND.c.id.in_(bindparam("ids", expanding=True))).order_by(*_ARRIVAL)
 # The batch's messages still new, without their raw bytes (parsed already): on PostgreSQL
@@ -231,7 +234,7 @@ def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any,
         if row.status == InboundStatus.NEW and (row.received_at, row.id) < me:
             raise ParentPending(row.id)
     # ... or for one still in a spool, moved a moment later than the reply.
-    if mover is not None and mover.holds(keys):
+    if mover is not None and mover.holds(conn, keys):
         raise ParentPending("spooled")
 
 
@@ -280,6 +283,8 @@ class Pipeline:
         self.processed = 0
         self.parked = 0
         self.deferred = 0
+        self.last_moved = 0  # by the last batch, from spools: work done even if none routed
+        self._waited = False  # the last batch had a reply wait for its original
 
     def warm_up(self) -> None:
         """Load the language and tone models now: the first batch would otherwise load them
@@ -298,20 +303,21 @@ class Pipeline:
     # ------------------------------------------------------------------ one batch
 
     def process_batch(self) -> int:
-        if self.mover is not None:
-            self.mover.move()
-        index, count = self.part
+        # Mail spooled by SMTP intake is read now and stored into `inbound` by the batch's
+        # first write transaction: moving then costs no commit of its own.
+        fetched = self._fetch_spooled()
+        self.last_moved = 0
         with self.read_engine.connect() as conn:
-            ids = []
-            size = 0
-            # The batch holds every message parsed at once: bounded in bytes as well, so a
-            # few large mails do not make a worker's memory balloon.
-            for row in fastsql.execute(conn, _NEXT_NEW, {"parts": count, "part": index,
-                                                         "limit": self.batch_size}):
-                if ids and size + row.size > self.batch_bytes:
-                    break
-                ids.append(row.id)
-                size += row.size
+            ids = self._next_ids(conn)
+            if not ids and fetched:
+                assert self.mover is not None
+                conn.rollback()  # a fresh snapshot below, with what is moved now
+                with self.write_engine.begin() as wconn:
+                    moved = self.mover.store(wconn, fetched)
+                self.mover.settle(fetched)
+                self.last_moved = moved
+                fetched = []
+                ids = self._next_ids(conn)
             if not ids:
                 return 0
             rows = fastsql.execute(conn, _BATCH, {"ids": ids}).all()
@@ -325,6 +331,7 @@ class Pipeline:
         done_before = self.processed + self.parked
         # Messages that raised once: handled again inside a savepoint of their own.
         guarded: set[int] = set()
+        waited = False
         while todo:
             tally = _Tally()
             handled: list[int] = []
@@ -332,6 +339,9 @@ class Pipeline:
                 # On SQLite the write lock is given up after one slice of time.
                 with self.write_engine.begin() as conn:
                     slice_end = time.monotonic() + self.lock_slice
+                    if fetched:
+                        assert self.mover is not None
+                        moved = self.mover.store(conn, fetched)
                     for inbound in fastsql.execute(conn, self._pending, {"ids": todo}).all():
                         self._handle_one(conn, inbound, prepared[inbound.id], settings,
                                          tally, guarded=inbound.id in guarded)
@@ -345,14 +355,52 @@ class Pipeline:
                 # message that raised in a savepoint, where it is parked if it raises again.
                 guarded.add(redo.inbound_id)
                 continue
+            if fetched:
+                assert self.mover is not None
+                self.mover.settle(fetched)
+                self.last_moved = moved
+                fetched = []
             self.processed += tally.processed
             self.parked += tally.parked
             self.deferred += tally.deferred
+            waited = waited or tally.deferred > 0
             left = set(handled)
             todo = [i for i in todo if i not in left]
             if todo:
                 time.sleep(self.lock_pause)  # let a waiting writer in
+        self._waited = waited
         return self.processed + self.parked - done_before
+
+    def _fetch_spooled(self) -> list[Any]:
+        """Spooled mail to move with this batch. One worker moves (the first): two would
+        read the same rows, and one of them for nothing. It moves only while fewer than a
+        fetch's worth of messages wait in `inbound`: moving far ahead of routing would only
+        lengthen the write transactions. Unless the last batch had a reply wait: what waits
+        may be the replies to originals still spooled, and they would wait forever."""
+        if self.mover is None or self.part[0] != 0:
+            return []
+        if not self._waited:
+            with self.read_engine.connect() as conn:
+                waiting = fastsql.execute(conn, _NEW_WAITING,
+                                          {"cap": self.mover.max_rows}).scalar()
+            if waiting >= self.mover.max_rows:
+                return []
+        return self.mover.fetch()
+
+    def _next_ids(self, conn: Connection) -> list[int]:
+        """The ids of this worker's next batch: oldest arrivals first. The batch holds every
+        message parsed at once: bounded in bytes as well, so a few large mails do not make
+        a worker's memory balloon."""
+        index, count = self.part
+        ids: list[int] = []
+        size = 0
+        for row in fastsql.execute(conn, _NEXT_NEW, {"parts": count, "part": index,
+                                                     "limit": self.batch_size}):
+            if ids and size + row.size > self.batch_bytes:
+                break
+            ids.append(row.id)
+            size += row.size
+        return ids
 
     def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
         """Parse, and classify what looks like a new ticket, on a read connection. The
@@ -520,7 +568,7 @@ class Pipeline:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            if n == 0:
+            if n == 0 and not self.last_moved:
                 self.wake.wait(idle_poll)
                 self.wake.clear()
 
@@ -530,7 +578,7 @@ class Pipeline:
         total = 0
         while time.monotonic() < deadline:
             n = self.process_batch()
-            if n == 0:
+            if n == 0 and not self.last_moved:
                 return total
             total += n
         raise TimeoutError("pipeline did not drain in time")

@@ -9,6 +9,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +163,10 @@ def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyP
         asyncio.run(_accept(spool, [_env(5 * k + i) for i in range(5)]))
     assert [f.number for f in spool_files(url)] == [1, 2, 3]
     with _mover(url, max_rows=7) as mover:
-        assert mover.move() == 7 + 7 + 5   # a batch from each file
+        assert mover.move() == 7   # at most max_rows in all, from one file or several
         assert [f.number for f in spool_files(url)] == [1, 2, 3]
-        assert len(unmoved(url)) == 6
-        moved = 19
+        assert len(unmoved(url)) == 18
+        moved = 7
         while n := mover.move():
             moved += n
         assert moved == 25
@@ -180,6 +181,31 @@ def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyP
     assert len(inbound_rows(url)) == 26
     assert {r.deliveries for r in inbound_rows(url)} == {1}
     spool.close()
+
+
+def test_spools_are_moved_in_order_of_arrival(url: str) -> None:
+    """Two intake processes' spools, each with a backlog: a fetch takes an equal share of
+    each, and only what arrived before either share ran out, so mail reaches `inbound` in
+    the order it arrived and replies seldom have to wait for their originals."""
+    start = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    spools = [_spool_at(url, 0), _spool_at(url, 1)]
+    for k, spool in enumerate(spools):
+        envs = [_env(10 * k + i) for i in range(5)]
+        for i, env in enumerate(envs):  # process 0 at :00, :02, :04 ... process 1 at :01 ...
+            env.received_at = start + timedelta(seconds=2 * i + k)
+        asyncio.run(_accept(spool, envs))
+    with _mover(url, max_rows=4) as mover:
+        # Two read from each: 0:00 and 0:02 of process 0, 0:01 and 0:03 of process 1, of
+        # which 0:03 arrived after process 0's share ended.
+        assert mover.move() == 3
+        assert [r.message_id for r in inbound_rows(url)] == [
+            "<m.0@example.org>", "<m.1@example.org>", "<m.10@example.org>"]
+        while mover.move():
+            pass
+    assert sorted(r.message_id for r in inbound_rows(url)) == sorted(
+        f"<m.{n}@example.org>" for n in (*range(5), *range(10, 15)))
+    for spool in spools:
+        spool.close()
 
 
 def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
@@ -272,9 +298,11 @@ def test_a_failed_rotation_loses_nothing(url: str, monkeypatch: pytest.MonkeyPat
     spool.close()
 
 
-def test_a_reply_moved_before_its_original_waits_for_it(tmp_path: Path) -> None:
-    """Spools are moved file by file: a reply in one can reach `inbound` before its original
-    in another. It must wait and thread, not open a ticket of its own."""
+def test_a_reply_moved_before_its_original_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spools are moved in order of arrival, but a spool that cannot be read a moment (a
+    long transaction of its intake process) is moved later: a reply in another one can
+    reach `inbound` before its original. It must wait and thread, not open a ticket."""
     cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
     settings = config.load(cfg)
     url = settings.database_url
@@ -283,16 +311,25 @@ def test_a_reply_moved_before_its_original_waits_for_it(tmp_path: Path) -> None:
     original = make_mail(subject="Printer on fire", message_id="<orig@example.org>")
     reply = make_mail(subject="Re: Printer on fire", message_id="<re@example.org>",
                       in_reply_to="<orig@example.org>", references="<orig@example.org>")
-    asyncio.run(_accept(second, [_env(0, tag="other")]))
-    asyncio.run(_accept(second, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
-                                          original)]))
+    asyncio.run(_accept(first, [_env(0, tag="other")]))
     asyncio.run(_accept(first, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
-                                         reply)]))
+                                         original)]))
+    asyncio.run(_accept(second, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
+                                          reply)]))
     pipeline = Pipeline(url, lambda: settings, hooks=default_hooks())
     assert pipeline.mover is not None
-    pipeline.mover.max_rows = 1  # the first batch moves the reply, not the original
+    read = SpoolMover._read
+    locked = {first.path}
+
+    def read_unless_locked(self: SpoolMover, src: Any, *args: Any) -> Any:
+        if any(self._sources.get(p) is src for p in locked):
+            locked.clear()  # once
+            raise sqlite3.OperationalError("database is locked")
+        return read(self, src, *args)
+
+    monkeypatch.setattr(SpoolMover, "_read", read_unless_locked)
     try:
-        pipeline.process_batch()
+        pipeline.process_batch()  # moves the reply, not the original
         assert pipeline.deferred == 1
         pipeline.drain()
     finally:

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Index,
     Integer,
@@ -240,9 +241,21 @@ _HOLDS = select(T_SPOOLED.c.id).where(
     T_SPOOLED.c.id > bindparam("moved")).limit(1)
 
 
+@dataclass
+class Fetched:
+    """Rows read from one spool file, to be stored into `inbound`."""
+
+    path: Path
+    src: _Source
+    rows: list[Any]
+    mark: int = 0      # the file's cursor as the storing transaction found it
+
+
 class SpoolMover:
-    """The pipeline side: moves spooled mail into `inbound`, in the worker's own write
-    transactions, and removes spool files that are done with."""
+    """The pipeline side: moves spooled mail into `inbound` and removes spool files that
+    are done with. `fetch` reads outside any write transaction; `store` writes in the
+    caller's, so moving costs the pipeline no commit (no fsync) of its own; `settle`
+    records what that transaction made durable, once it has committed."""
 
     def __init__(self, url: str, read_engine: Engine, write_engine: Engine, *,
                  clock: Clock = system_clock, max_rows: int = 512,
@@ -253,6 +266,8 @@ class SpoolMover:
         self.read_engine = read_engine
         self.write_engine = write_engine
         self.clock = clock
+        # What one fetch reads, over all files: every row of it is written while the
+        # database's write lock is held.
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._insert = insert_statement(write_engine)
@@ -266,13 +281,23 @@ class SpoolMover:
         self._sources.clear()
 
     def move(self) -> int:
-        """Move what every spool file holds beyond its cursor (one batch per file); return
-        how many messages were moved."""
+        """Move one fetch in a transaction of its own; return how many messages moved."""
+        fetched = self.fetch()
+        if not fetched:
+            return 0
+        with self.write_engine.begin() as conn:
+            n = self.store(conn, fetched)
+        self.settle(fetched)
+        return n
+
+    def fetch(self) -> list[Fetched]:
+        """What the spool files hold beyond their cursors, up to `max_rows` and `max_bytes`
+        in all; removes the files sealed and moved to their last row."""
         files = spool_files(self.url)
         for gone in set(self._sources) - {f.path for f in files}:
             self._sources.pop(gone).engine.dispose()
         if not files:
-            return 0
+            return []
         sources: dict[Path, _Source | None] = {}
         for f in files:
             try:
@@ -285,30 +310,107 @@ class SpoolMover:
         with self.read_engine.connect() as conn:
             cursors: dict[str, int] = {k: int(v) for k, v in conn.execute(
                 _CURSORS.where(T_SPOOL_CURSOR.c.spool.in_(ids))).all()} if ids else {}
-        n = 0
-        for f in files:
-            src = sources[f.path]
-            if src is None:
-                continue
-            assert src.id is not None
-            src.moved = max(src.moved, cursors.get(src.id, 0))
-            try:
-                moved, done = self._move_one(f.path, src)
-                n += moved
-                if done:
-                    self._remove(f.path)
-            except Exception as exc:
-                self._failed(f.path, exc)
-            else:
+        # Each intake process's files (oldest first) get an equal share, and of what was
+        # read only what arrived before any process's share ran out is moved: mail moves in
+        # order of arrival across intake processes, so a reply seldom reaches `inbound`
+        # before its original (it would wait for it, `holds`).
+        processes = sorted({f.index for f in files})
+        share_rows = max(1, self.max_rows // len(processes))
+        share_bytes = max(1, self.max_bytes // len(processes))
+        out: list[Fetched] = []
+        horizon = None
+        for index in processes:
+            rows_left, bytes_left = share_rows, share_bytes
+            for f in (f for f in files if f.index == index):
+                src = sources[f.path]
+                if src is None:
+                    continue
+                assert src.id is not None
+                src.moved = max(src.moved, cursors.get(src.id, 0))
+                if rows_left <= 0 or bytes_left <= 0:
+                    continue
+                try:
+                    rows, sealed, more = self._read(src, rows_left, bytes_left)
+                except Exception as exc:
+                    self._failed(f.path, exc)
+                    continue
                 if f.path in self._failing:
                     self._failing.discard(f.path)
                     self._log.info("spool_move_recovered", spool=str(f.path))
+                if rows:
+                    out.append(Fetched(f.path, src, rows))
+                    rows_left -= len(rows)
+                    bytes_left -= sum(r.size for r in rows)
+                    if more:
+                        if horizon is None or rows[-1].received_at < horizon:
+                            horizon = rows[-1].received_at
+                        rows_left = 0  # this process's later files are later still
+                elif sealed:
+                    self._remove(f.path)
+        if horizon is not None:
+            for f in out:
+                f.rows = [r for r in f.rows if r.received_at <= horizon]
+            out = [f for f in out if f.rows]
+        return out
+
+    def _read(self, src: _Source, max_rows: int,
+              max_bytes: int) -> tuple[list[Any], bool, bool]:
+        """(rows beyond the cursor, at least one unless there are none; whether the file is
+        sealed; whether it holds more than that)."""
+        with src.engine.connect() as sc:
+            # Read before the rows: nothing is written to a file after its seal.
+            sealed = sc.execute(_SEALED).scalar() is not None
+            start = src.moved
+            heads = sc.execute(select(T_SPOOLED.c.id, T_SPOOLED.c.size)
+                               .where(T_SPOOLED.c.id > start)
+                               .order_by(T_SPOOLED.c.id).limit(max_rows + 1)).all()
+            if not heads:
+                return [], sealed, False
+            more = len(heads) > max_rows
+            last, size = heads[0].id, 0
+            for h in heads[:max_rows]:  # bounded in bytes as well: held in memory
+                if size and size + h.size > max_bytes:
+                    more = True
+                    break
+                last, size = h.id, size + h.size
+            rows = sc.execute(select(T_SPOOLED).where(T_SPOOLED.c.id > start,
+                                                      T_SPOOLED.c.id <= last)
+                              .order_by(T_SPOOLED.c.id)).all()
+        return rows, sealed, more
+
+    def store(self, conn: Connection, fetched: list[Fetched]) -> int:
+        """Insert fetched rows into `inbound` and advance their files' cursors, in the
+        caller's write transaction (rolled back with it); returns how many were new."""
+        n = 0
+        for f in fetched:
+            # Read again under the write lock: another worker may have moved them meanwhile.
+            mark = conn.execute(_CURSOR, {"spool": f.src.id}).scalar()
+            if mark is None:
+                conn.execute(insert(T_SPOOL_CURSOR).values(
+                    spool=f.src.id, path=str(f.path), moved_through=0, moved_at=self.clock()))
+                mark = 0
+            f.mark = int(mark)
+            fresh = [r for r in f.rows if r.id > mark]
+            if fresh:
+                conn.execute(self._insert, merge_duplicates([
+                    {**{k: getattr(r, k) for k in SPOOL_COLUMNS},
+                     "status": InboundStatus.NEW, "attempts": 0} for r in fresh]))
+                conn.execute(update(T_SPOOL_CURSOR)
+                             .where(T_SPOOL_CURSOR.c.spool == f.src.id)
+                             .values(moved_through=fresh[-1].id, path=str(f.path),
+                                     moved_at=self.clock()))
+                n += len(fresh)
         return n
 
+    def settle(self, fetched: list[Fetched]) -> None:
+        """The transaction that stored `fetched` committed: those rows are moved."""
+        for f in fetched:
+            f.src.moved = max(f.src.moved, f.mark, f.rows[-1].id)
+
     def _failed(self, path: Path, exc: Exception) -> None:
-        """One spool that cannot be moved now (the database locked for long, a damaged
-        file) must not hold up the others or the mail already stored: it is tried again with
-        the next batch, and logged once until it moves."""
+        """One spool that cannot be read now (locked for long, damaged) must not hold up
+        the others or the mail already stored: it is tried again with the next batch, and
+        logged once until it moves."""
         if not path.exists():
             return  # removed by another worker a moment ago
         if path not in self._failing:
@@ -337,58 +439,31 @@ class SpoolMover:
                 return None  # being created by its intake process, or removed, right now
         return src if src.id is not None else None
 
-    def _move_one(self, path: Path, src: _Source) -> tuple[int, bool]:
-        """Move one batch of `path`; returns (messages moved, whether the file is done with:
-        sealed by its intake process and moved to its last row)."""
-        assert src.id is not None
-        with src.engine.connect() as sc:
-            # Read before the rows: nothing is written to a file after its seal.
-            sealed = sc.execute(_SEALED).scalar() is not None
-            start = src.moved
-            heads = sc.execute(select(T_SPOOLED.c.id, T_SPOOLED.c.size)
-                               .where(T_SPOOLED.c.id > start)
-                               .order_by(T_SPOOLED.c.id).limit(self.max_rows)).all()
-            if not heads:
-                return 0, sealed
-            last, size = heads[0].id, 0
-            for h in heads:  # bounded in bytes as well: the batch is held in memory
-                if size and size + h.size > self.max_bytes:
-                    break
-                last, size = h.id, size + h.size
-            rows = sc.execute(select(T_SPOOLED).where(T_SPOOLED.c.id > start,
-                                                      T_SPOOLED.c.id <= last)
-                              .order_by(T_SPOOLED.c.id)).all()
-        with self.write_engine.begin() as conn:
-            # Read again under the write lock: another worker may have moved them meanwhile.
-            mark = conn.execute(_CURSOR, {"spool": src.id}).scalar()
-            if mark is None:
-                conn.execute(insert(T_SPOOL_CURSOR).values(
-                    spool=src.id, path=str(path), moved_through=0, moved_at=self.clock()))
-                mark = 0
-            fresh = [r for r in rows if r.id > mark]
-            if fresh:
-                conn.execute(self._insert, merge_duplicates([
-                    {**{k: getattr(r, k) for k in SPOOL_COLUMNS},
-                     "status": InboundStatus.NEW, "attempts": 0} for r in fresh]))
-                conn.execute(update(T_SPOOL_CURSOR)
-                             .where(T_SPOOL_CURSOR.c.spool == src.id)
-                             .values(moved_through=fresh[-1].id, path=str(path),
-                                     moved_at=self.clock()))
-        src.moved = max(int(mark), last)
-        return len(fresh), False
-
-    def holds(self, message_ids: list[str]) -> bool:
-        """Whether a spool still holds one of these messages, not yet moved: a reply to it
-        must wait, or it would open a ticket of its own. Spools are moved file by file, so
-        a reply can reach `inbound` a moment before its original."""
+    def holds(self, conn: Connection, message_ids: list[str]) -> bool:
+        """Whether a spool still holds one of these messages, not moved into `inbound` as
+        `conn` sees it: a reply to it must wait, or it would open a ticket of its own.
+        Spools are moved file by file, so a reply can reach `inbound` before its original.
+        The cursors are read through `conn`: rows the caller's own transaction just moved
+        count as moved, and a worker that does not move spools itself sees them too."""
         if not message_ids:
             return False
-        for src in list(self._sources.values()):
-            if src.id is None:
-                continue
+        sources = {}
+        for f in spool_files(self.url):
+            try:
+                src = self._source(f.path)
+            except Exception:
+                src = None  # unreadable now; `fetch` reports it
+            if src is not None and src.id is not None:
+                sources[src.id] = src
+        if not sources:
+            return False
+        cursors = dict(conn.execute(_CURSORS.where(
+            T_SPOOL_CURSOR.c.spool.in_(list(sources)))).all())
+        for spool_id, src in sources.items():
             try:
                 with src.engine.connect() as sc:
-                    if sc.execute(_HOLDS, {"keys": message_ids, "moved": src.moved}).first():
+                    if sc.execute(_HOLDS, {"keys": message_ids,
+                                           "moved": int(cursors.get(spool_id, 0))}).first():
                         return True
             except OperationalError:
                 continue  # removed meanwhile: it held nothing unmoved
