@@ -18,6 +18,16 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL; None for PostgreSQL, memory and `file:` URIs."""
+    if not is_sqlite(url):
+        return None
+    name = make_url(normalize_url(url)).database
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return Path(name)
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here; SQLAlchemy would otherwise look for psycopg2."""
     u = make_url(url)

@@ -32,9 +32,10 @@ from sqlmodel import Session
 
 from router import agentmail, fastsql, learn, log
 from router.bounce import handle_dsn, is_dsn
+from router.checkpoint import Checkpointer
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
-from router.db import is_sqlite, make_engine
+from router.db import is_sqlite, make_engine, sqlite_file
 from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
@@ -260,8 +261,13 @@ class Pipeline:
                  clock: Clock = system_clock, batch_size: int = 32,
                  hooks: list[Hook] | None = None, part: tuple[int, int] = (0, 1)) -> None:
         self.read_engine: Engine = make_engine(url)
-        self.write_engine: Engine = make_engine(url, immediate=True)
         self.sqlite = is_sqlite(url)
+        # Our commits never copy the WAL back into the database file, under the write
+        # lock: a thread of ours does, beside the writers (router.checkpoint).
+        database = sqlite_file(url)
+        self.checkpointer = Checkpointer(database) if database is not None else None
+        self.write_engine: Engine = make_engine(url, immediate=True,
+                                                autocheckpoint=database is None)
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
@@ -295,6 +301,8 @@ class Pipeline:
         tone.analyze("hello", "warming up the tone model", "en")
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         if self.mover is not None:
             self.mover.close()
         self.read_engine.dispose()

@@ -50,14 +50,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from router import log
 from router.clock import Clock, system_clock
-from router.db import is_sqlite, make_engine, normalize_url
+from router.db import make_engine, sqlite_file
 from router.intake.accept import insert_statement, intake_engine, merge_duplicates, write_rows
 from router.models import T_INBOUND, T_SPOOL_CURSOR, InboundStatus
 
@@ -97,19 +96,10 @@ class SpoolFile:
     path: Path
 
 
-def _database_file(url: str) -> Path | None:
-    if not is_sqlite(url):
-        return None
-    name = make_url(normalize_url(url)).database
-    if not name or name == ":memory:" or name.startswith("file:"):
-        return None
-    return Path(name)
-
-
 def spool_file(url: str, index: int, number: int) -> Path | None:
     """File `number` of intake process `index` for the database at `url`; None where intake
     writes to the database itself (PostgreSQL, SQLite in memory)."""
-    db = _database_file(url)
+    db = sqlite_file(url)
     if db is None:
         return None
     return db.with_name(f"{db.stem}.spool-{index}-{number}{db.suffix}")
@@ -117,7 +107,7 @@ def spool_file(url: str, index: int, number: int) -> Path | None:
 
 def spool_files(url: str) -> list[SpoolFile]:
     """Every spool file of the database at `url` that exists now, by process and number."""
-    db = _database_file(url)
+    db = sqlite_file(url)
     if db is None or not db.parent.is_dir():
         return []
     pattern = re.compile(rf"{re.escape(db.stem)}\.spool-(\d+)-(\d+){re.escape(db.suffix)}")
@@ -173,7 +163,7 @@ class Spool:
     def for_database(cls, url: str, index: int) -> Spool | None:
         """Intake process `index`'s spool, or None where intake writes to the database
         itself (PostgreSQL, SQLite in memory)."""
-        return cls(url, index) if _database_file(url) is not None else None
+        return cls(url, index) if sqlite_file(url) is not None else None
 
     def _open(self, number: int) -> None:
         path = spool_file(self.url, self.index, number)

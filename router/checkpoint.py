@@ -1,0 +1,62 @@
+"""WAL checkpoints for the pipeline's SQLite database, off the write lock.
+
+SQLite's default copies the write-ahead log back into the database file from inside the
+commit that grew it past 1,000 pages, and then syncs the database file: with the pipeline
+writing a few MB per commit (the mail moved from the spools, articles, attachments) that
+was nearly every commit, all of it while the writer still held the database's one write
+lock, so the other workers, the console and the outbox waited for disk I/O they did not
+need. A PASSIVE checkpoint needs no write lock: it runs here, in a thread of the worker,
+beside the writers, and the pipeline's own connections never checkpoint
+(``wal_autocheckpoint=0``).
+
+Every connection of the other writers (console, outbox, tools) keeps SQLite's default, so
+the log is still copied back if no pipeline runs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from router import log
+
+
+class Checkpointer:
+    """A thread that checkpoints the database at `path` every `interval` seconds: at most
+    that many syncs of the database file, however many commits there were."""
+
+    def __init__(self, path: Path, *, interval: float = 0.5) -> None:
+        self.path = path
+        self.interval = interval
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._log = log.get("router.checkpoint")
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, timeout=1.0,
+                                               check_same_thread=False)
+                    # (busy, frames in the log, frames copied back): nothing new, no sync.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:
+                    # Tried again next round; the log only grows meanwhile.
+                    self._log.warning("wal_checkpoint_failed", database=str(self.path),
+                                      error=str(exc))
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+        finally:
+            if conn is not None:
+                conn.close()
