@@ -36,13 +36,13 @@ def normalize_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
-def _sqlite_pragmas(busy_ms: int, autocheckpoint: bool) -> Any:
+def _sqlite_pragmas(busy_ms: int, autocheckpoint: bool, synchronous: str) -> Any:
     def apply(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         # WAL lets readers run beside the writer; FULL makes a commit survive power loss,
         # which is what a 250 promises the sending MTA.
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         if not autocheckpoint:
@@ -56,11 +56,13 @@ def _sqlite_manual_transactions(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
-                autocheckpoint: bool = True, **kw: Any) -> Engine:
+                autocheckpoint: bool = True, synchronous: str = "FULL", **kw: Any) -> Engine:
     """An engine with our SQLite settings; `immediate` engines take SQLite's write lock at
     BEGIN, so a read-then-write transaction cannot fail half-way on a stale snapshot.
     `busy_ms` and `autocheckpoint` let the intake writer wait for the lock its own way and
-    leave WAL checkpoints to the other connections (see intake/accept.py)."""
+    leave WAL checkpoints to the other connections (see intake/accept.py). `synchronous`
+    NORMAL is for writes that can be redone from what is durable already (the pipeline's
+    routing, see `set_synchronous`)."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = make_url(url).database
@@ -68,7 +70,7 @@ def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
                                **kw)
-        event.listen(engine, "connect", _sqlite_pragmas(busy_ms, autocheckpoint))
+        event.listen(engine, "connect", _sqlite_pragmas(busy_ms, autocheckpoint, synchronous))
         # pysqlite's own transaction handling breaks SAVEPOINT and hides BEGIN; SQLAlchemy's
         # documented remedy is to switch it off and emit BEGIN ourselves.
         event.listen(engine, "connect", _sqlite_manual_transactions)
@@ -79,6 +81,13 @@ def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
     if "poolclass" not in kw:
         kw.setdefault("pool_size", 10)
     return create_engine(url, **kw)
+
+
+def set_synchronous(conn: Any, level: str) -> None:
+    """SQLite's sync level for `conn`'s next transactions; only between transactions (SQLite
+    refuses it inside one), so it goes to the DB-API connection: through SQLAlchemy the
+    statement would begin a transaction first."""
+    conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={level}")
 
 
 @contextmanager

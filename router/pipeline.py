@@ -21,7 +21,8 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -35,7 +36,7 @@ from router.bounce import handle_dsn, is_dsn
 from router.checkpoint import Checkpointer
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
-from router.db import is_sqlite, make_engine, sqlite_file
+from router.db import is_sqlite, make_engine, set_synchronous, sqlite_file
 from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
@@ -267,7 +268,8 @@ class Pipeline:
         database = sqlite_file(url)
         self.checkpointer = Checkpointer(database) if database is not None else None
         self.write_engine: Engine = make_engine(url, immediate=True,
-                                                autocheckpoint=database is None)
+                                                autocheckpoint=database is None,
+                                                synchronous="NORMAL")
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
@@ -320,7 +322,7 @@ class Pipeline:
             if not ids and fetched:
                 assert self.mover is not None
                 conn.rollback()  # a fresh snapshot below, with what is moved now
-                with self.write_engine.begin() as wconn:
+                with self._writing(durable=True) as wconn:
                     moved = self.mover.store(wconn, fetched)
                 self.mover.settle(fetched)
                 self.last_moved = moved
@@ -345,7 +347,7 @@ class Pipeline:
             handled: list[int] = []
             try:
                 # On SQLite the write lock is given up after one slice of time.
-                with self.write_engine.begin() as conn:
+                with self._writing(durable=bool(fetched)) as conn:
                     slice_end = time.monotonic() + self.lock_slice
                     if fetched:
                         assert self.mover is not None
@@ -378,6 +380,26 @@ class Pipeline:
                 time.sleep(self.lock_pause)  # let a waiting writer in
         self._waited = waited
         return self.processed + self.parked - done_before
+
+    @contextmanager
+    def _writing(self, *, durable: bool) -> Iterator[Connection]:
+        """One write transaction. On SQLite, routing commits without a sync of its own
+        (synchronous=NORMAL): what it writes can be redone from the stored mail, and the
+        next sync of the log (any FULL commit: intake, the outbox claiming an ack before
+        it sends it, the console; or a checkpoint, every half second) makes it durable, as
+        the log is one file written in order. A transaction that moves spooled mail is
+        `durable` (FULL): the spool file may be removed once the move is recorded."""
+        with self.write_engine.connect() as conn:
+            if self.sqlite and durable:
+                set_synchronous(conn, "FULL")
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                if self.sqlite and durable:
+                    # Only a setting: a connection that broke meanwhile is dropped anyway.
+                    with suppress(Exception):
+                        set_synchronous(conn, "NORMAL")
 
     def _fetch_spooled(self) -> list[Any]:
         """Spooled mail to move with this batch. One worker moves (the first): two would

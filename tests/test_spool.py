@@ -20,7 +20,7 @@ from router import db
 from router import settings as config
 from router.hooks import default_hooks
 from router.intake import spool as spool_module
-from router.intake.accept import Acceptor, Envelope
+from router.intake.accept import Acceptor, Envelope, accept_sync
 from router.intake.spool import T_SPOOLED, Spool, SpoolMover, spool_file, spool_files, unmoved
 from router.models import T_SPOOL_CURSOR, InboundStatus, Ticket
 from router.pipeline import Pipeline
@@ -206,6 +206,36 @@ def test_spools_are_moved_in_order_of_arrival(url: str) -> None:
         f"<m.{n}@example.org>" for n in (*range(5), *range(10, 15)))
     for spool in spools:
         spool.close()
+
+
+def test_moving_is_synced_and_routing_is_not(tmp_path: Path) -> None:
+    """The transaction that moves spooled mail commits with a sync (the spool file may be
+    removed after it); one that only routes mail already in `inbound` does not: it can be
+    redone, and the next sync of the log makes it durable."""
+    cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
+    settings = config.load(cfg)
+    url = settings.database_url
+    db.upgrade(url)
+    levels: list[int] = []
+
+    def record_level(conn: Any, handled: Any) -> None:
+        levels.append(conn.exec_driver_sql("PRAGMA synchronous").scalar())
+
+    spool = _spool_at(url)
+    pipeline = Pipeline(url, lambda: settings, hooks=[record_level])
+    try:
+        asyncio.run(_accept(spool, [_env(1)]))
+        pipeline.process_batch()   # moved (in a transaction of its own: nothing waited)
+        asyncio.run(_accept(spool, [_env(2)]))
+        engine = db.make_engine(url)
+        accept_sync(engine, _env(3))   # stored in inbound directly, as `router ingest` does
+        engine.dispose()
+        pipeline.drain()
+    finally:
+        pipeline.close()
+        spool.close()
+    # 1: routed alone; 3 first, with 2 moved in the same transaction; then 2, alone.
+    assert levels == [1, 2, 1]  # NORMAL, FULL, NORMAL
 
 
 def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:

@@ -56,7 +56,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from router import log
 from router.clock import Clock, system_clock
-from router.db import make_engine, sqlite_file
+from router.db import make_engine, set_synchronous, sqlite_file
 from router.intake.accept import insert_statement, intake_engine, merge_duplicates, write_rows
 from router.models import T_INBOUND, T_SPOOL_CURSOR, InboundStatus
 
@@ -275,8 +275,10 @@ class SpoolMover:
         fetched = self.fetch()
         if not fetched:
             return 0
-        with self.write_engine.begin() as conn:
-            n = self.store(conn, fetched)
+        with self.write_engine.connect() as conn:
+            set_synchronous(conn, "FULL")  # the spool file may be removed once this commits
+            with conn.begin():
+                n = self.store(conn, fetched)
         self.settle(fetched)
         return n
 
