@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from router import log
 
@@ -41,19 +42,26 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
+        failing = False
         try:
             while not self._stop.wait(self.interval):
                 try:
                     if conn is None:
-                        conn = sqlite3.connect(self.path, timeout=1.0,
-                                               check_same_thread=False)
+                        # Never creates the database: one removed under us stays removed.
+                        conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=rw",
+                                               uri=True, timeout=1.0, check_same_thread=False)
                     # (busy, frames in the log, frames copied back): nothing new, no sync.
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.checkpoints += 1
+                    if failing:
+                        failing = False
+                        self._log.info("wal_checkpoint_recovered", database=str(self.path))
                 except sqlite3.Error as exc:
-                    # Tried again next round; the log only grows meanwhile.
-                    self._log.warning("wal_checkpoint_failed", database=str(self.path),
-                                      error=str(exc))
+                    # Tried again next round, logged once; the log only grows meanwhile.
+                    if not failing:
+                        failing = True
+                        self._log.warning("wal_checkpoint_failed", database=str(self.path),
+                                          error=str(exc))
                     if conn is not None:
                         conn.close()
                         conn = None

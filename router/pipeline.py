@@ -2,16 +2,20 @@
 
 The worker reads a batch of new inbound rows and, outside any write transaction, parses them
 and classifies those that look like new tickets (the expensive part). It then handles the
-batch in short write transactions with a savepoint per message. A message whose handling
-raises is *parked* with its traceback and the rest of the batch commits; nothing is dropped,
-nothing blocks. A crash rolls the open transaction back to "new", so a restart processes
-those messages again from the stored bytes.
+batch in short write transactions, its statements run through `router.fastsql`. A message
+whose handling raises rolls its transaction back; the batch is handled again with that
+message in a savepoint of its own, where it is *parked* with its traceback if it raises
+again, and the rest commits: nothing is dropped, nothing blocks. A crash rolls the open
+transaction back to "new", so a restart processes those messages again from the stored
+bytes.
 
 On PostgreSQL the batch is claimed with ``FOR UPDATE SKIP LOCKED`` so several daemon
 instances share the work, in one transaction. On SQLite the write transaction begins
 IMMEDIATE and lasts one slice of time at most, so other writers (the console, the outbox,
 `router ingest`) wait little; SMTP intake never waits for it: it commits into spools, which
-each batch first moves into ``inbound`` (router.intake.spool).
+the first worker moves into ``inbound`` (router.intake.spool) within its write transactions.
+Those commit without a sync of their own and never checkpoint (`_writing`,
+router.checkpoint).
 Several workers of one instance split the messages by id (`part`); a reply whose original is
 still new waits for it (`ParentPending`), so it threads rather than opening a ticket.
 """

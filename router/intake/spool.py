@@ -285,9 +285,7 @@ class SpoolMover:
     def fetch(self) -> list[Fetched]:
         """What the spool files hold beyond their cursors, up to `max_rows` and `max_bytes`
         in all; removes the files sealed and moved to their last row."""
-        files = spool_files(self.url)
-        for gone in set(self._sources) - {f.path for f in files}:
-            self._sources.pop(gone).engine.dispose()
+        files = self._files()
         if not files:
             return []
         sources: dict[Path, _Source | None] = {}
@@ -399,6 +397,14 @@ class SpoolMover:
         for f in fetched:
             f.src.moved = max(f.src.moved, f.mark, f.rows[-1].id)
 
+    def _files(self) -> list[SpoolFile]:
+        """The spool files now; the engines of removed ones are let go (their file
+        handles would otherwise keep the removed files' space)."""
+        files = spool_files(self.url)
+        for gone in set(self._sources) - {f.path for f in files}:
+            self._sources.pop(gone).engine.dispose()
+        return files
+
     def _failed(self, path: Path, exc: Exception) -> None:
         """One spool that cannot be read now (locked for long, damaged) must not hold up
         the others or the mail already stored: it is tried again with the next batch, and
@@ -440,7 +446,7 @@ class SpoolMover:
         if not message_ids:
             return False
         sources = {}
-        for f in spool_files(self.url):
+        for f in self._files():
             try:
                 src = self._source(f.path)
             except Exception:
