@@ -238,6 +238,42 @@ def test_moving_is_synced_and_routing_is_not(tmp_path: Path) -> None:
     assert levels == [1, 2, 1]  # NORMAL, FULL, NORMAL
 
 
+def test_only_the_first_worker_moves_and_the_others_see_the_spools(tmp_path: Path) -> None:
+    """Worker 1 of 2 moves nothing (worker 0 does), yet its reply to an original still
+    spooled waits for it, and threads once worker 0 has moved and routed it."""
+    cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
+    settings = config.load(cfg)
+    url = settings.database_url
+    db.upgrade(url)
+    spool = _spool_at(url)
+    asyncio.run(_accept(spool, [Envelope("smtp", "alice@example.org", ["support@acme.test"],
+                                         make_mail(subject="Printer on fire",
+                                                   message_id="<orig@example.org>"))]))
+    engine = db.make_engine(url)
+    accept_sync(engine, Envelope("smtp", "alice@example.org", ["support@acme.test"],
+                                 make_mail(subject="Re: Printer on fire",
+                                           in_reply_to="<orig@example.org>")))
+    engine.dispose()
+    [reply] = inbound_rows(url)
+    assert reply.id % 2 == 1  # worker 1's share
+    first = Pipeline(url, lambda: settings, hooks=default_hooks(), part=(0, 2))
+    second = Pipeline(url, lambda: settings, hooks=default_hooks(), part=(1, 2))
+    try:
+        assert second.process_batch() == 0
+        assert second.deferred == 1 and len(unmoved(url)) == 1
+        first.drain()
+        assert len(unmoved(url)) == 0
+        assert second.drain() == 1
+    finally:
+        first.close()
+        second.close()
+        spool.close()
+    by_mid = {r.message_id: r for r in inbound_rows(url)}
+    assert by_mid["<orig@example.org>"].ticket_id == \
+        next(r for r in inbound_rows(url) if r.id == reply.id).ticket_id
+    assert count_rows(url, Ticket) == 1
+
+
 def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
     """The cursor belongs to the spool's own id: a spool file deleted and created again
     (ids from 1 again) must not have its mail skipped as "already moved"."""
