@@ -77,19 +77,11 @@ class Result:
                                              "was required"))
         return self._rows[0]
 
-    def one_or_none(self) -> Any:
-        if len(self._rows) > 1:
-            raise MultipleResultsFound("Multiple rows were found when one or none was required")
-        return self._rows[0] if self._rows else None
-
     def scalar(self) -> Any:
         return self._rows[0][0] if self._rows else None
 
     def scalar_one(self) -> Any:
         return self.one()[0]
-
-    def scalars(self) -> list[Any]:
-        return [r[0] for r in self._rows]
 
 
 class _Plan:
@@ -100,7 +92,6 @@ class _Plan:
         "compiled",
         "expanding",
         "expansions",
-        "keys",
         "named",
         "result_procs",
         "result_types",
@@ -112,7 +103,6 @@ class _Plan:
     def __init__(self, conn: Connection, stmt: Executable, keys: tuple[str, ...]) -> None:
         dialect = conn.dialect
         self.stmt = stmt
-        self.keys = keys
         compiled: Any = stmt.compile(dialect=dialect, column_keys=list(keys))
         self.compiled = compiled
         self.sql: str = compiled.string

@@ -241,6 +241,15 @@ class Fetched:
     mark: int = 0      # the file's cursor as the storing transaction found it
 
 
+def _cursors(conn: Connection, sources: Any) -> dict[str, int]:
+    """How far each of these spools was moved, as `conn` sees it."""
+    ids = [s.id for s in sources if s is not None and s.id is not None]
+    if not ids:
+        return {}
+    return {k: int(v) for k, v in conn.execute(
+        _CURSORS.where(T_SPOOL_CURSOR.c.spool.in_(ids))).all()}
+
+
 class SpoolMover:
     """The pipeline side: moves spooled mail into `inbound` and removes spool files that
     are done with. `fetch` reads outside any write transaction; `store` writes in the
@@ -288,18 +297,10 @@ class SpoolMover:
         files = self._files()
         if not files:
             return []
-        sources: dict[Path, _Source | None] = {}
-        for f in files:
-            try:
-                sources[f.path] = self._source(f.path)
-            except Exception as exc:
-                sources[f.path] = None
-                self._failed(f.path, exc)
+        sources = self._sources_of(files)
         # Where each spool stands, in one read: another worker may have moved since.
-        ids = [s.id for s in sources.values() if s is not None and s.id is not None]
         with self.read_engine.connect() as conn:
-            cursors: dict[str, int] = {k: int(v) for k, v in conn.execute(
-                _CURSORS.where(T_SPOOL_CURSOR.c.spool.in_(ids))).all()} if ids else {}
+            cursors = _cursors(conn, sources.values())
         # Each intake process's files (oldest first) get an equal share, and of what was
         # read only what arrived before any process's share ran out is moved: mail moves in
         # order of arrival across intake processes, so a reply seldom reaches `inbound`
@@ -397,6 +398,17 @@ class SpoolMover:
         for f in fetched:
             f.src.moved = max(f.src.moved, f.mark, f.rows[-1].id)
 
+    def _sources_of(self, files: list[SpoolFile]) -> dict[Path, _Source | None]:
+        """Each file's source, None for one not ready or not readable now (reported)."""
+        sources: dict[Path, _Source | None] = {}
+        for f in files:
+            try:
+                sources[f.path] = self._source(f.path)
+            except Exception as exc:
+                sources[f.path] = None
+                self._failed(f.path, exc)
+        return sources
+
     def _files(self) -> list[SpoolFile]:
         """The spool files now; the engines of removed ones are let go (their file
         handles would otherwise keep the removed files' space)."""
@@ -440,28 +452,22 @@ class SpoolMover:
     def holds(self, conn: Connection, message_ids: list[str]) -> bool:
         """Whether a spool still holds one of these messages, not moved into `inbound` as
         `conn` sees it: a reply to it must wait, or it would open a ticket of its own.
-        Spools are moved file by file, so a reply can reach `inbound` before its original.
-        The cursors are read through `conn`: rows the caller's own transaction just moved
-        count as moved, and a worker that does not move spools itself sees them too."""
+        A spool that cannot be read a moment is moved later than the others, so a reply can
+        reach `inbound` before its original. The cursors are read through `conn`: rows the
+        caller's own transaction just moved count as moved, and a worker that does not move
+        spools itself sees them too."""
         if not message_ids:
             return False
-        sources = {}
-        for f in self._files():
-            try:
-                src = self._source(f.path)
-            except Exception:
-                src = None  # unreadable now; `fetch` reports it
-            if src is not None and src.id is not None:
-                sources[src.id] = src
+        sources = [s for s in self._sources_of(self._files()).values() if s is not None]
         if not sources:
             return False
-        cursors = dict(conn.execute(_CURSORS.where(
-            T_SPOOL_CURSOR.c.spool.in_(list(sources)))).all())
-        for spool_id, src in sources.items():
+        cursors = _cursors(conn, sources)
+        for src in sources:
+            assert src.id is not None
             try:
                 with src.engine.connect() as sc:
                     if sc.execute(_HOLDS, {"keys": message_ids,
-                                           "moved": int(cursors.get(spool_id, 0))}).first():
+                                           "moved": cursors.get(src.id, 0)}).first():
                         return True
             except OperationalError:
                 continue  # removed meanwhile: it held nothing unmoved
