@@ -10,7 +10,9 @@ it started with and the next batch uses the new one.
 - watchdog watches the *directory* of router.toml (not the file: editors and config managers
   write a temporary file and rename it over the old one, which replaces the watched inode)
   and matches events by path, including created and moved events; the templates directory
-  is watched recursively, and its parent for the directory itself being replaced;
+  is watched recursively, and its parent for the directory itself being replaced; only
+  closes after writing, creations, moves and removals are asked of the kernel (not every
+  write: the database usually lives in the same directory);
 - events are debounced (`debounce`, 200 ms of quiet, at most `max_delay` after the first), so
   an editor's several writes become one reload;
 - SIGHUP (`request("SIGHUP", delay=0)`) reloads too; ``ROUTER_RELOAD_WATCH=0`` switches the
@@ -61,6 +63,13 @@ from watchdog.events import (
     EVENT_TYPE_DELETED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -336,6 +345,15 @@ class Outcome:
     restart_needed: list[dict[str, Any]] = field(default_factory=list)
 
 
+# What the kernel reports to us: a file written and closed, made, moved or removed. Not every
+# write (nor opens, reads, attribute changes): router.db lives next to router.toml in the
+# example set-up, and every page the daemon writes to it, its log and its spools would be an
+# event to read and judge, a third of a core while mail flows. A save is a write *and close*,
+# or a rename over the file, so nothing an admin does is missed.
+WATCHED_EVENTS = [FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
+                  DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+
+
 class _Handler(FileSystemEventHandler):
     _TYPES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED,
                         EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED})
@@ -469,7 +487,8 @@ class Reloader:
         handler = _Handler(self)
         for d in self._config_dirs:
             if d.is_dir():
-                obs.schedule(handler, str(d), recursive=False)
+                obs.schedule(handler, str(d), recursive=False,
+                             event_filter=WATCHED_EVENTS)
                 self._flat_watched.add(d)
         self._reschedule_templates(handler)
 
@@ -489,14 +508,16 @@ class Reloader:
         if ident is not None:
             try:
                 self._templates_watch = obs.schedule(handler or _Handler(self),
-                                                     str(self._templates_dir), recursive=True)
+                                                     str(self._templates_dir), recursive=True,
+                                                     event_filter=WATCHED_EVENTS)
             except OSError as exc:
                 self._log.error("config_watch_failed", path=str(self._templates_dir),
                                 error=str(exc))
         parent = self._templates_dir.parent  # for the directory itself being replaced
         if parent not in self._flat_watched and parent.is_dir():
             with contextlib.suppress(OSError):
-                obs.schedule(handler or _Handler(self), str(parent), recursive=False)
+                obs.schedule(handler or _Handler(self), str(parent), recursive=False,
+                             event_filter=WATCHED_EVENTS)
                 self._flat_watched.add(parent)
 
     # ------------------------------------------------------------------ debounce

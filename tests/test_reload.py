@@ -23,6 +23,7 @@ import pytest
 from sqlmodel import Session, select
 
 from router import db
+from router import reload as reload_module
 from router import settings as config
 from router.models import Article, ArticleKind, ConfigVersion, Decision, Event, Inbound, Ticket
 from router.reload import (
@@ -240,6 +241,45 @@ def test_other_files_next_to_the_config_do_not_reload(reloader: Reloader,
     (templates / "ack" / "notes.txt~").write_bytes(b"backup")
     time.sleep(0.8)
     assert reloader.reloads == runs
+
+
+def test_writes_next_to_the_config_are_not_events(etc: tuple[Path, Path, str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example set-up keeps router.db beside router.toml: the watcher must not be handed
+    every page the daemon writes there (a third of a core under load), only closes, creates,
+    moves and removals, which is still every way an admin saves a file."""
+    path, _, url = etc
+    seen: list[str] = []
+    original = reload_module._Handler.on_any_event
+
+    def counting(self: Any, event: Any) -> None:
+        seen.append(f"{event.event_type} {os.path.basename(event.src_path)}")
+        original(self, event)
+
+    monkeypatch.setattr(reload_module._Handler, "on_any_event", counting)
+    r = Reloader(path, config.load(path), recorder=Recorder(url), debounce=0.2)
+    r.start()
+    try:
+        settled(r)
+        seen.clear()
+        runs = r.reloads
+        # Two files written in turn, as a database and its log are: the kernel would merge
+        # repeated events of one file, not these.
+        with open(path.parent / "router.db-x", "wb") as a, \
+                open(path.parent / "router.db-y", "wb") as b:
+            for _ in range(300):
+                for f in (a, b):
+                    f.write(b"page" * 1024)
+                    f.flush()
+        time.sleep(0.5)
+        assert len(seen) <= 4, seen  # each file made and closed, no more
+        assert r.reloads == runs
+        # A save in place is still seen.
+        path.write_text(move_sales_to_billing(path.read_text(encoding="utf-8")),
+                        encoding="utf-8")
+        wait_until(lambda: r.live.applied.serial == 2, 5, what="reload after a save")
+    finally:
+        r.stop()
 
 
 def test_in_place_write_and_sighup_request_reload(etc: tuple[Path, Path, str]) -> None:
