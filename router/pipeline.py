@@ -12,10 +12,10 @@ bytes.
 On PostgreSQL the batch is claimed with ``FOR UPDATE SKIP LOCKED`` so several daemon
 instances share the work, in one transaction. On SQLite the write transaction begins
 IMMEDIATE and lasts one slice of time at most, so other writers (the console, the outbox,
-`router ingest`) wait little; SMTP intake never waits for it: it commits into spools, which
-the first worker moves into ``inbound`` (router.intake.spool) within its write transactions.
-Those commit without a sync of their own and never checkpoint (`_writing`,
-router.checkpoint).
+`router ingest`) wait little, and the workers take turns at it (router.turns). SMTP intake
+never waits for it: it commits into spools, which the first worker moves into ``inbound``
+(router.intake.spool) within its write transactions. Those commit without a sync of their
+own and never checkpoint (`_writing`, router.checkpoint).
 Several workers of one instance split the messages by id (`part`); a reply whose original is
 still new waits for it (`ParentPending`), so it threads rather than opening a ticket.
 """
@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -65,6 +65,7 @@ from router.route import (
 from router.rules import Context
 from router.rules.alerts import send_alerts
 from router.settings import Settings
+from router.turns import Turns
 
 UNKNOWN_SENDER = "unknown-sender@invalid"
 T = TypeVar("T")
@@ -274,6 +275,9 @@ class Pipeline:
         self.write_engine: Engine = make_engine(url, immediate=True,
                                                 autocheckpoint=database is None,
                                                 synchronous="NORMAL")
+        # Workers wait for each other's write transactions in the kernel, not in SQLite's
+        # sleeping busy handler (router.turns).
+        self.turns = Turns(database) if database is not None else None
         self.settings_provider = settings_provider
         self.clock = clock
         self.batch_size = batch_size
@@ -309,6 +313,8 @@ class Pipeline:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.close()
+        if self.turns is not None:
+            self.turns.close()
         if self.mover is not None:
             self.mover.close()
         self.read_engine.dispose()
@@ -397,13 +403,16 @@ class Pipeline:
             if self.sqlite and durable:
                 set_synchronous(conn, "FULL")
             try:
-                with conn.begin():
+                with self._turn(), conn.begin():
                     yield conn
             finally:
                 if self.sqlite and durable:
                     # Only a setting: a connection that broke meanwhile is dropped anyway.
                     with suppress(Exception):
                         set_synchronous(conn, "NORMAL")
+
+    def _turn(self) -> AbstractContextManager[None]:
+        return self.turns.turn() if self.turns is not None else nullcontext()
 
     def _fetch_spooled(self) -> list[Any]:
         """Spooled mail to move with this batch. One worker moves (the first): two would
