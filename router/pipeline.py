@@ -213,6 +213,8 @@ _NEXT_NEW = (select(T_INBOUND.c.id, T_INBOUND.c.size)
              .where(T_INBOUND.c.status == InboundStatus.NEW,
                     T_INBOUND.c.id % bindparam("parts") == bindparam("part"))
              .order_by(*_ARRIVAL).limit(bindparam("limit")))
+# The next ones after those a worker holds prepared already.
+_NEXT_NEW_MORE = _NEXT_NEW.where(T_INBOUND.c.id.not_in(bindparam("held", expanding=True)))
 _NEW_WAITING = select(func.count()).select_from(
     select(T_INBOUND.c.id).where(T_INBOUND.c.status == InboundStatus.NEW)
     .limit(bindparam("cap")).subquery())
@@ -282,6 +284,8 @@ class Pipeline:
         self.clock = clock
         self.batch_size = batch_size
         self.batch_bytes = 32 * 1024 * 1024
+        # Prepared while another worker writes, at most (`process_batch`).
+        self.max_prepared = 4 * batch_size
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
@@ -340,13 +344,21 @@ class Pipeline:
                 ids = self._next_ids(conn)
             if not ids:
                 return 0
-            rows = fastsql.execute(conn, _BATCH, {"ids": ids}).all()
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()
             # The costly part (parsing, language, rules, the classifier) runs before the
             # write lock is taken: other writers wait for the database writes only.
-            prepared = {row.id: self._prepare(conn, row, settings) for row in rows}
+            prepared: dict[int, Prepared] = {}
+            size = self._prepare_rows(conn, ids, settings, prepared)
+            # While another worker writes, prepare more of ours instead of waiting for it:
+            # on two cores that wait was a quarter of each worker's time.
+            while (self.turns is not None and self.turns.busy()
+                   and len(prepared) < self.max_prepared and size < self.batch_bytes):
+                more = self._next_ids(conn, held=list(prepared), budget=self.batch_bytes - size)
+                if not more:
+                    break
+                size += self._prepare_rows(conn, more, settings, prepared)
         todo = list(prepared)  # in order of arrival
         done_before = self.processed + self.parked
         # Messages that raised once: handled again inside a savepoint of their own.
@@ -430,16 +442,31 @@ class Pipeline:
                 return []
         return self.mover.fetch()
 
-    def _next_ids(self, conn: Connection) -> list[int]:
-        """The ids of this worker's next batch: oldest arrivals first. The batch holds every
-        message parsed at once: bounded in bytes as well, so a few large mails do not make
-        a worker's memory balloon."""
+    def _prepare_rows(self, conn: Connection, ids: list[int], settings: Settings,
+                      into: dict[int, Prepared]) -> int:
+        """Prepare the messages `ids` into `into`; the bytes read."""
+        size = 0
+        for row in fastsql.execute(conn, _BATCH, {"ids": ids}).all():
+            into[row.id] = self._prepare(conn, row, settings)
+            size += row.size
+        return size
+
+    def _next_ids(self, conn: Connection, *, held: list[int] | None = None,
+                  budget: int | None = None) -> list[int]:
+        """The ids of this worker's next batch: oldest arrivals first, after those `held`
+        prepared already. The batch holds every message parsed at once: bounded in bytes
+        as well (`budget`), so a few large mails do not make a worker's memory balloon."""
         index, count = self.part
+        budget = self.batch_bytes if budget is None else budget
         ids: list[int] = []
         size = 0
-        for row in fastsql.execute(conn, _NEXT_NEW, {"parts": count, "part": index,
-                                                     "limit": self.batch_size}):
-            if ids and size + row.size > self.batch_bytes:
+        params: dict[str, Any] = {"parts": count, "part": index, "limit": self.batch_size}
+        stmt = _NEXT_NEW
+        if held:
+            stmt = _NEXT_NEW_MORE
+            params["held"] = held
+        for row in fastsql.execute(conn, stmt, params):
+            if (ids or held) and size + row.size > budget:
                 break
             ids.append(row.id)
             size += row.size

@@ -66,6 +66,18 @@ class Turns:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def busy(self) -> bool:
+        """Whether another worker has its turn now (a hint: it may end a moment later)."""
+        fd = self._fd
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

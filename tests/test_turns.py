@@ -98,3 +98,44 @@ def test_the_pipeline_writes_only_in_its_turn(tmp_path: Path) -> None:
         finally:
             other.close()
         assert routed == [1]
+
+
+def test_while_another_worker_writes_a_worker_prepares_more(tmp_path: Path) -> None:
+    """Waiting for the other worker's turn, a worker prepares its next messages instead of
+    idling (up to `max_prepared`), and routes them all in its turn."""
+    with open_store(tmp_path / "etc") as store:
+        pipeline = store.pipeline
+        pipeline.batch_size = 2
+        pipeline.max_prepared = 8
+        store.accept(make_mail(subject="warm", message_id="<more.0@example.org>"))
+        assert pipeline.drain() == 1
+        for i in range(1, 7):
+            store.accept(make_mail(subject=f"more {i}", message_id=f"<more.{i}@example.org>"))
+        calls: list[int] = []
+        all_prepared = threading.Event()
+        prepare_rows = pipeline._prepare_rows
+
+        def counting(*args: object, **kw: object) -> int:
+            size = prepare_rows(*args, **kw)  # type: ignore[arg-type]
+            calls.append(size)
+            if len(calls) == 3:
+                all_prepared.set()
+            return size
+
+        pipeline._prepare_rows = counting  # type: ignore[method-assign]
+        other = Turns(Path(store.url.removeprefix("sqlite:///")))
+        routed: list[int] = []
+        worker = threading.Thread(target=lambda: routed.append(pipeline.process_batch()))
+        try:
+            with other.turn():
+                worker.start()
+                assert all_prepared.wait(30), f"prepared {len(calls)} batches while waiting"
+            worker.join(30)
+        finally:
+            other.close()
+        assert routed == [6]
+        # Nobody else writing: one batch at a time, as before.
+        store.accept(make_mail(subject="alone 1", message_id="<alone.1@example.org>"))
+        store.accept(make_mail(subject="alone 2", message_id="<alone.2@example.org>"))
+        store.accept(make_mail(subject="alone 3", message_id="<alone.3@example.org>"))
+        assert pipeline.process_batch() == 2
