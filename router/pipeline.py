@@ -286,6 +286,7 @@ class Pipeline:
         self.batch_bytes = 32 * 1024 * 1024
         # Prepared while another worker writes, at most (`process_batch`).
         self.max_prepared = 4 * batch_size
+        self.max_kept = 8 * batch_size  # parses kept for messages that wait (`_defer`)
         # Worker `part[0]` of `part[1]` in this instance takes the messages whose id leaves
         # that remainder: no two workers parse the same message.
         self.part = part
@@ -305,6 +306,9 @@ class Pipeline:
         self.deferred = 0
         self.last_moved = 0  # by the last batch, from spools: work done even if none routed
         self._waited = False  # the last batch had a reply wait for its original
+        # The parse of a message that waits for its original, for its next try: parsing
+        # is most of preparing, and the bytes never change.
+        self._kept: dict[int, ParsedMail] = {}
 
     def warm_up(self) -> None:
         """Load the language and tone models now: the first batch would otherwise load them
@@ -475,10 +479,12 @@ class Pipeline:
     def _prepare(self, conn: Connection, inbound: Any, settings: Settings) -> Prepared:
         """Parse, and classify what looks like a new ticket, on a read connection. The
         write phase checks that what the decision rests on still holds."""
-        try:
-            parsed = parse(inbound.raw)
-        except Exception as exc:  # parse() promises not to raise; park if it ever does
-            return Prepared(exc)
+        parsed = self._kept.pop(inbound.id, None)
+        if parsed is None:
+            try:
+                parsed = parse(inbound.raw)
+            except Exception as exc:  # parse() promises not to raise; park if it ever does
+                return Prepared(exc)
         out = Prepared(parsed)
         if is_dsn(parsed):
             return out  # a delivery report: nothing to classify
@@ -518,8 +524,7 @@ class Pipeline:
             except ParentPending as wait:
                 # Raised before the message wrote anything: it stays new, and a later batch
                 # takes it after its parent.
-                tally.deferred += 1
-                self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
+                self._defer(inbound, prepared, tally, wait)
                 return
             except Exception as exc:
                 raise _Redo(inbound.id) from exc
@@ -534,8 +539,7 @@ class Pipeline:
             tally.processed += 1
         except ParentPending as wait:
             savepoint.rollback()
-            tally.deferred += 1
-            self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
+            self._defer(inbound, prepared, tally, wait)
         except Exception as exc:
             savepoint.rollback()
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
@@ -544,6 +548,16 @@ class Pipeline:
             tally.parked += 1
             self._log.error("message_parked", inbound_id=inbound.id,
                             error=f"{type(exc).__name__}: {exc}")
+
+    def _defer(self, inbound: Any, prepared: Prepared, tally: _Tally,
+               wait: ParentPending) -> None:
+        tally.deferred += 1
+        if isinstance(prepared.parsed, ParsedMail):
+            if len(self._kept) >= self.max_kept:
+                # Left by messages another instance routed meanwhile: start afresh.
+                self._kept.clear()
+            self._kept[inbound.id] = prepared.parsed
+        self._log.debug("message_deferred", inbound_id=inbound.id, parent=str(wait))
 
     # ------------------------------------------------------------------ one message
 
@@ -629,6 +643,7 @@ class Pipeline:
         """Process until `stop` is set; sleep on `wake` (or a short poll, for mail committed
         by another process) when idle; back off while the database is unreachable."""
         backoff = 0.5
+        waiting = self.lock_pause
         while not stop.is_set():
             try:
                 n = self.process_batch()
@@ -638,7 +653,15 @@ class Pipeline:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            if n == 0 and not self.last_moved:
+            if n or self.last_moved:
+                waiting = self.lock_pause
+            elif self._waited:
+                # Only replies waiting for originals another worker is routing right now:
+                # not idle, so look again soon (sooner than a poll), less soon each time
+                # in case the original is held up for longer.
+                stop.wait(waiting)
+                waiting = min(waiting * 2, idle_poll)
+            else:
                 self.wake.wait(idle_poll)
                 self.wake.clear()
 

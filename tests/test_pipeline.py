@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import sysconfig
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
+from router import pipeline as pipeline_module
 from router import settings as config
 from router.bounce import is_dsn
 from router.intake.accept import Envelope, accept_sync
@@ -39,6 +41,7 @@ from tests.daemon import (
     open_store,
     run_cli,
     send_smtp,
+    wait_until,
 )
 
 CASES = Path(__file__).parent / "mail_cases"
@@ -424,6 +427,43 @@ def test_workers_split_the_messages_and_a_reply_waits_for_its_parent(store: Stor
     assert {x.status for x in rows.values()} == {InboundStatus.DONE}
     assert rows[1].ticket_id == rows[2].ticket_id != rows[3].ticket_id
     assert len(all_of(store, Ticket)) == 2
+
+
+def test_a_waiting_reply_is_parsed_once_and_looked_at_again_soon(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply waiting for the other worker's original keeps its parse for the next try, and
+    its worker looks again soon by itself: nobody rings it when the other worker routes the
+    original, and sleeping a whole idle poll then would hold up every message behind it."""
+    parsed: list[bytes] = []
+    real_parse = pipeline_module.parse
+
+    def counting(raw: bytes) -> Any:
+        parsed.append(raw)
+        return real_parse(raw)
+
+    monkeypatch.setattr(pipeline_module, "parse", counting)
+    store.accept(make_mail(subject="odd one", message_id="<parent@example.org>"))  # id 1
+    store.accept(make_mail(subject="Re: odd one", in_reply_to="<parent@example.org>",
+                           references="<parent@example.org>"))                      # id 2
+    even = Pipeline(store.url, store.current_settings, part=(0, 2))
+    odd = Pipeline(store.url, store.current_settings, part=(1, 2))
+    stop = threading.Event()
+    worker = threading.Thread(target=even.run, args=(stop,), kwargs={"idle_poll": 120})
+    try:
+        worker.start()
+        wait_until(lambda: even.deferred >= 1, 30, what="the reply to wait")
+        assert odd.process_batch() == 1
+        wait_until(lambda: even.processed == 1, 30, what="the reply to be routed")
+    finally:
+        stop.set()
+        even.wake.set()
+        worker.join(30)
+        even.close()
+        odd.close()
+    reply = [raw for raw in parsed if b"Re: odd one" in raw]
+    assert len(reply) == 1, f"the waiting reply was parsed {len(reply)} times"
+    rows = {x.id: x for x in all_of(store, Inbound)}
+    assert rows[1].ticket_id == rows[2].ticket_id
 
 
 def test_messages_are_routed_in_order_of_arrival(store: Store) -> None:
