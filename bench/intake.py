@@ -373,14 +373,11 @@ def pipeline_done(db: Path) -> tuple[int, int]:
 def routing_finished(db: Path) -> bool:
     """Whether every stored message is routed: asked every 50 ms while the pipeline works,
     so it must cost next to nothing. (Counting as `pipeline_done` does took half a core from
-    the servers being measured, more than the do-nothing server spends on the whole load.)"""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        if conn.execute("select 1 from inbound where status = 'new' limit 1").fetchone():
-            return False
-        moved = dict(conn.execute("select spool, moved_through from spool_cursor").fetchall())
-    finally:
-        conn.close()
+    the servers being measured, more than the do-nothing server spends on the whole load.)
+    The spools are read first, then the cursors and `inbound` in one snapshot: a message
+    moved meanwhile is then either still in a spool or already in `inbound`, never in
+    neither (moving inserts it and advances the cursor in one transaction)."""
+    spooled: dict[str, int] = {}
     for f in spool_files(f"sqlite:///{db}"):
         try:
             spool = sqlite3.connect(f"file:{f.path}?mode=ro", uri=True, timeout=30)
@@ -393,9 +390,19 @@ def routing_finished(db: Path) -> bool:
             continue  # being created right now: nothing in it yet
         finally:
             spool.close()
-        if last is not None and (spool_id is None or last > moved.get(spool_id[0], 0)):
+        if last is not None:
+            if spool_id is None:
+                return False
+            spooled[spool_id[0]] = last
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    try:
+        conn.execute("begin")
+        moved = dict(conn.execute("select spool, moved_through from spool_cursor").fetchall())
+        if any(last > moved.get(spool, 0) for spool, last in spooled.items()):
             return False
-    return True
+        return not conn.execute("select 1 from inbound where status = 'new' limit 1").fetchone()
+    finally:
+        conn.close()
 
 
 def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = False,
