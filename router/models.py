@@ -41,6 +41,32 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
 
+    def bind_processor(self, dialect: Any) -> Any:
+        """On SQLite, `process_bind_param` and the SQLite type's own formatting in one step:
+        the routing transaction binds a few dozen datetimes per message, and the two layers
+        cost twice what the one does. The text is the same, character for character; a
+        storage format other than SQLAlchemy's default gets the two layers."""
+        impl = self.impl_instance.dialect_impl(dialect)
+        if dialect.name != "sqlite" or getattr(impl, "_storage_format", None) != _SQLITE_FORMAT:
+            return super().bind_processor(dialect)
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to the database; use router.clock")
+            value = value.astimezone(UTC)
+            return _SQLITE_TEXT % (value.year, value.month, value.day, value.hour,
+                                   value.minute, value.second, value.microsecond)
+
+        return process
+
+
+# SQLAlchemy's SQLite DATETIME text, as a named format (its own) and positionally (ours).
+_SQLITE_FORMAT = ("%(year)04d-%(month)02d-%(day)02d "
+                  "%(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d")
+_SQLITE_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+
 
 def _utc(**kw: Any) -> Any:
     nullable = kw.pop("nullable", True)

@@ -4,14 +4,16 @@ reads back must be exactly what SQLAlchemy's Connection.execute would, on both d
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Connection, bindparam, exc, func, insert, select, update
+from sqlalchemy import Connection, DateTime, bindparam, exc, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from router import fastsql
 from router.db import make_engine, upgrade
-from router.models import T_EVENT, T_THREAD_KEY, T_TICKET
+from router.models import T_EVENT, T_THREAD_KEY, T_TICKET, UTCDateTime
 from router.route import _SEL_THREAD, _UPD_REPLIED, _insert_ignore, _upsert_customer
 
 NOW = datetime(2026, 11, 23, 9, 30, 15, 123456, tzinfo=UTC)
@@ -121,3 +123,30 @@ def test_runs_in_the_connections_transaction(conn: Connection) -> None:
                                        "data": {}})
     conn.commit()
     assert conn.execute(_COUNT, {"k": "kept"}).one()[0] == 1
+
+
+@pytest.mark.parametrize("value", [
+    NOW,
+    datetime(2026, 1, 1, tzinfo=UTC),                                   # no microseconds
+    datetime(5, 3, 4, 1, 2, 3, 7, tzinfo=UTC),                           # a short year
+    datetime(2026, 6, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=3))),
+    datetime(2026, 3, 29, 1, 30, tzinfo=ZoneInfo("Europe/Istanbul")),
+])
+def test_sqlite_datetimes_are_stored_as_sqlalchemys_own_text(value: datetime) -> None:
+    """`UTCDateTime` binds on SQLite in one step instead of SQLAlchemy's two: the text stored
+    must be the same, character for character, or ordering and equality against rows
+    written before would break."""
+    dialect = sqlite.dialect()
+    one_step = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert one_step is not None and "UTCDateTime" in one_step.__qualname__
+    two_steps = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert one_step(value) == two_steps(UTCDateTime().process_bind_param(value, dialect))
+    assert one_step(None) is None
+    with pytest.raises(ValueError, match="naive datetime"):
+        one_step(datetime(2026, 1, 1))
+
+
+def test_postgresql_datetimes_keep_sqlalchemys_binding() -> None:
+    dialect = postgresql.psycopg.dialect()
+    process = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert process is None or "UTCDateTime" not in process.__qualname__
