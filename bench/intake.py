@@ -466,7 +466,7 @@ def run(n: int, concurrency: int, seed: int, warmup: int, intake_only: bool = Fa
         try:
             wait_port(port, proc)
             send("warmup", port, "warmup")
-            while not intake_only and pipeline_done(db)[1]:
+            while not intake_only and not routing_finished(db):
                 time.sleep(0.1)
             t0 = time.perf_counter()
             cpu0 = tree_cpu(proc.pid)

@@ -52,9 +52,7 @@ class Turns:
         if fd is None:
             yield
             return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             started = time.monotonic()
             fcntl.flock(fd, fcntl.LOCK_EX)
             waited = time.monotonic() - started
@@ -71,9 +69,7 @@ class Turns:
         fd = self._fd
         if fd is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             return True
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
@@ -82,3 +78,12 @@ class Turns:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the turn if nobody has it; whether we got it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
