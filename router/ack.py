@@ -294,10 +294,15 @@ def build_message(*, settings: Settings, team: Team, ticket: Ticket, customer: C
 
 
 def compute_promise(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
-                    now: datetime) -> Promise:
+                    now: datetime, backlogs: turnaround.Backlogs | None = None) -> Promise:
+    """The promise for `ticket`. `backlogs`: what this transaction counted before."""
     calendar = BusinessCalendar.cached_for_team(team)
-    samples, backlog, rate = turnaround.history(session, team.name, now, calendar,
-                                                HISTORY_WINDOW, exclude_id=ticket.id)
+    samples, rate = turnaround.answered(session, team.name, now, calendar, HISTORY_WINDOW)
+
+    def backlog() -> int:
+        return turnaround.backlog(session.connection(), team.name, ticket.id,
+                                  counted=backlogs)
+
     return turnaround.estimate(now, calendar, samples, backlog, rate, team.sla.first_response,
                                settings.ack.quantile, settings.ack.min_history,
                                sla_business_hours=team.sla.business_hours)
@@ -347,14 +352,16 @@ def _suppress(session: Session, ticket: Ticket, article: Article | None, parsed:
 def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
              article: Article | None, customer: Customer, parsed: ParsedMail,
              envelope_sender: str | None, now: datetime, clock: Clock | None = None,
-             language: str | None = None, suppress: str | None = None) -> AckOutcome:
+             language: str | None = None, suppress: str | None = None,
+             backlogs: turnaround.Backlogs | None = None) -> AckOutcome:
     """Decide about the ack for `parsed` (already threaded onto or opening `ticket`) and, if
     it goes out, write it to the outbox. Runs in the caller's transaction; the caller commits
     and then wakes the outbox worker when `outcome.outbox_id` is set.
 
     `envelope_sender`: the SMTP MAIL FROM ("" for the null sender), None when the channel has
     none (IMAP). `now`: when the message arrived (the SLA clock's start). `clock` is accepted
-    for symmetry with the other services; the decision uses `now` only.
+    for symmetry with the other services; the decision uses `now` only. `backlogs`: the
+    team backlogs counted in this transaction before (the pipeline's, `turnaround.Backlogs`).
     """
     if ticket.id is None:
         session.flush()
@@ -366,7 +373,7 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
     if not follow_up:
         try:
             promise = compute_promise(session, settings=settings, team=team, ticket=ticket,
-                                      now=now)
+                                      now=now, backlogs=backlogs)
         except ValueError as exc:
             # A calendar that is never open cannot promise anything; that must not cost the
             # customer the ticket. `router check` and the event name the cause.
@@ -500,4 +507,5 @@ def ack_hook(conn: Connection, handled: Handled) -> None:
     plan_ack(session, settings=settings, team=team, ticket=ticket, article=article,
              customer=customer, parsed=handled.parsed, envelope_sender=sender,
              now=handled.now, language=ticket.language or customer.language,
-             suppress=handled.decision.suppress_ack if handled.decision else None)
+             suppress=handled.decision.suppress_ack if handled.decision else None,
+             backlogs=handled.backlogs)

@@ -51,6 +51,7 @@ from router.models import (
     Customer,
     InboundStatus,
     Ticket,
+    TicketStatus,
     loaded,
     table_of,
 )
@@ -65,9 +66,14 @@ from router.route import (
 from router.rules import Context
 from router.rules.alerts import send_alerts
 from router.settings import Settings
+from router.turnaround import Backlogs
 from router.turns import Turns
 
 UNKNOWN_SENDER = "unknown-sender@invalid"
+_IN_BACKLOG = (TicketStatus.NEW, TicketStatus.OPEN)
+# Messages prepared at a time while another worker writes: about 1.5 ms each, so the turn
+# waits a few ms at most once the other lets go.
+PREPARE_STEP = 4
 T = TypeVar("T")
 
 
@@ -86,6 +92,8 @@ class Handled:
     now: datetime
     decision: Decision | None = None   # the routing decision of a new ticket (classify)
     conn: Connection | None = None
+    # The team backlogs this transaction counted (for the ack's promise), while valid.
+    backlogs: Backlogs | None = None
     _session: Session | None = None
     _rows: dict[tuple[type, int], Any] = field(default_factory=dict)
     _detached: list[Any] = field(default_factory=list)
@@ -248,6 +256,16 @@ def _check_parents(conn: Connection, parsed: ParsedMail, inbound: Any,
 
 
 @dataclass
+class _Batch:
+    """The messages a worker prepared for its next write transactions, and the one config
+    they are all handled under (a message finishes under the config it started with)."""
+
+    settings: Settings
+    prepared: dict[int, Prepared] = field(default_factory=dict)
+    size: int = 0  # bytes of mail read for them
+
+
+@dataclass
 class Prepared:
     """A message's work done before the write lock: its parse, the ticket it threads onto,
     or, when it looked like a new ticket, its routing decision and the customer facts that
@@ -353,34 +371,33 @@ class Pipeline:
             settings = self.settings_provider()
             # The costly part (parsing, language, rules, the classifier) runs before the
             # write lock is taken: other writers wait for the database writes only.
-            prepared: dict[int, Prepared] = {}
-            size = self._prepare_rows(conn, ids, settings, prepared)
-            # While another worker writes, prepare more of ours instead of waiting for it:
-            # on two cores that wait was a quarter of each worker's time.
-            while (self.turns is not None and self.turns.busy()
-                   and len(prepared) < self.max_prepared and size < self.batch_bytes):
-                more = self._next_ids(conn, held=list(prepared), budget=self.batch_bytes - size)
-                if not more:
-                    break
-                size += self._prepare_rows(conn, more, settings, prepared)
-        todo = list(prepared)  # in order of arrival
+            batch = _Batch(settings)
+            self._prepare_rows(conn, ids, batch)
+            self._prepare_while_busy(conn, batch)
+        todo = list(batch.prepared)  # in order of arrival
+        prepared = batch.prepared
         done_before = self.processed + self.parked
         # Messages that raised once: handled again inside a savepoint of their own.
         guarded: set[int] = set()
         waited = False
         while todo:
+            if self.turns is not None and self.turns.busy():
+                with self.read_engine.connect() as conn:
+                    todo.extend(self._prepare_while_busy(conn, batch))
             tally = _Tally()
             handled: list[int] = []
             try:
                 # On SQLite the write lock is given up after one slice of time.
                 with self._writing(durable=bool(fetched)) as conn:
                     slice_end = time.monotonic() + self.lock_slice
+                    backlogs = Backlogs()
                     if fetched:
                         assert self.mover is not None
                         moved = self.mover.store(conn, fetched)
                     for inbound in fastsql.execute(conn, self._pending, {"ids": todo}).all():
                         self._handle_one(conn, inbound, prepared[inbound.id], settings,
-                                         tally, guarded=inbound.id in guarded)
+                                         tally, guarded=inbound.id in guarded,
+                                         backlogs=backlogs)
                         handled.append(inbound.id)
                         if time.monotonic() > slice_end:
                             break
@@ -446,17 +463,33 @@ class Pipeline:
                 return []
         return self.mover.fetch()
 
-    def _prepare_rows(self, conn: Connection, ids: list[int], settings: Settings,
-                      into: dict[int, Prepared]) -> int:
-        """Prepare the messages `ids` into `into`; the bytes read."""
+    def _prepare_rows(self, conn: Connection, ids: list[int], batch: _Batch) -> int:
+        """Prepare the messages `ids` into `batch`; the bytes read."""
         size = 0
         for row in fastsql.execute(conn, _BATCH, {"ids": ids}).all():
-            into[row.id] = self._prepare(conn, row, settings)
+            batch.prepared[row.id] = self._prepare(conn, row, batch.settings)
             size += row.size
+        batch.size += size
         return size
 
+    def _prepare_while_busy(self, conn: Connection, batch: _Batch) -> list[int]:
+        """While another worker writes, prepare more of ours instead of waiting for it (on
+        two cores that wait was a quarter of each worker's time): a few messages at a
+        time, so that the turn, once free, is not left unused for long. The ids added."""
+        added: list[int] = []
+        step = min(self.batch_size, PREPARE_STEP)
+        while (self.turns is not None and len(batch.prepared) < self.max_prepared
+               and batch.size < self.batch_bytes and self.turns.busy()):
+            more = self._next_ids(conn, held=list(batch.prepared),
+                                  budget=self.batch_bytes - batch.size, limit=step)
+            if not more:
+                break
+            self._prepare_rows(conn, more, batch)
+            added.extend(more)
+        return added
+
     def _next_ids(self, conn: Connection, *, held: list[int] | None = None,
-                  budget: int | None = None) -> list[int]:
+                  budget: int | None = None, limit: int | None = None) -> list[int]:
         """The ids of this worker's next batch: oldest arrivals first, after those `held`
         prepared already. The batch holds every message parsed at once: bounded in bytes
         as well (`budget`), so a few large mails do not make a worker's memory balloon."""
@@ -464,7 +497,8 @@ class Pipeline:
         budget = self.batch_bytes if budget is None else budget
         ids: list[int] = []
         size = 0
-        params: dict[str, Any] = {"parts": count, "part": index, "limit": self.batch_size}
+        params: dict[str, Any] = {"parts": count, "part": index,
+                                  "limit": limit or self.batch_size}
         stmt = _NEXT_NEW
         if held:
             stmt = _NEXT_NEW_MORE
@@ -512,7 +546,8 @@ class Pipeline:
         return classify(parsed, context, language_hint=language)
 
     def _handle_one(self, conn: Connection, inbound: Any, prepared: Prepared,
-                    settings: Settings, tally: _Tally, *, guarded: bool) -> None:
+                    settings: Settings, tally: _Tally, *, guarded: bool,
+                    backlogs: Backlogs | None = None) -> None:
         """Route one message in the slice's transaction. A savepoint per message would cost
         two statements each, and messages almost never raise: one that does rolls the whole
         slice back (`_Redo`), and is handled again `guarded`, in a savepoint of its own."""
@@ -520,7 +555,8 @@ class Pipeline:
             try:
                 if isinstance(prepared.parsed, BaseException):
                     raise prepared.parsed
-                self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
+                self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared,
+                            backlogs=backlogs)
             except ParentPending as wait:
                 # Raised before the message wrote anything: it stays new, and a later batch
                 # takes it after its parent.
@@ -534,7 +570,8 @@ class Pipeline:
         try:
             if isinstance(prepared.parsed, BaseException):
                 raise prepared.parsed
-            self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared)
+            self.handle(conn, inbound, prepared.parsed, settings, prepared=prepared,
+                        backlogs=backlogs)
             savepoint.commit()
             tally.processed += 1
         except ParentPending as wait:
@@ -542,6 +579,8 @@ class Pipeline:
             self._defer(inbound, prepared, tally, wait)
         except Exception as exc:
             savepoint.rollback()
+            if backlogs is not None:
+                backlogs.forget()  # it may have counted what the rollback took back
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.PARKED, error=traceback.format_exc(),
                 attempts=inbound.attempts + 1, processed_at=self.clock()))
@@ -562,7 +601,11 @@ class Pipeline:
     # ------------------------------------------------------------------ one message
 
     def handle(self, conn: Connection, inbound: Any, parsed: ParsedMail,
-               settings: Settings, *, prepared: Prepared | None = None) -> Handled | None:
+               settings: Settings, *, prepared: Prepared | None = None,
+               backlogs: Backlogs | None = None) -> Handled | None:
+        """Route one message in `conn`'s transaction. `backlogs`: the team backlogs counted
+        in this transaction so far; a message that may move an older ticket into or out of
+        a backlog makes it forget them."""
         at = inbound.received_at  # SLA clocks start when the mail arrived, not when we got to it
         if is_dsn(parsed):
             # A delivery report about our own mail: recorded on the ticket it concerns, never
@@ -574,10 +617,14 @@ class Pipeline:
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.DONE, processed_at=self.clock(),
                 ticket_id=event.ticket_id if event is not None else None))
+            if backlogs is not None:
+                backlogs.forget()
             return None
         # An agent answering by mail writes to a reply address, which is also a plus-address
         # of the team: it must be judged here, before it could thread or open a ticket.
         if agentmail.handle_reply(conn, inbound, parsed, settings, self.clock()):
+            if backlogs is not None:
+                backlogs.forget()  # an answer: the ticket may have left its backlog
             return None
         match = prepared.match if prepared is not None and prepared.match is not None \
             else find_thread(conn, parsed, settings)
@@ -591,6 +638,8 @@ class Pipeline:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)
             new = False
+            if backlogs is not None and written.previous_status not in _IN_BACKLOG:
+                backlogs.forget()  # reopened: back in its team's backlog
         else:
             facts = _facts(customer.row["vip"], customer.row["attributes"], customer.language)
             early = prepared.decision if prepared is not None else None
@@ -625,7 +674,7 @@ class Pipeline:
         fastsql.execute(conn, _INBOUND_DONE,
                         {"iid": inbound.id, "tid": ticket_id, "at": self.clock()})
         handled = Handled(inbound, parsed, ticket_id, written.article_id, customer, new,
-                          settings, at, decision if new else None, conn)
+                          settings, at, decision if new else None, conn, backlogs)
         handled.know(Ticket, written.ticket)
         handled.know(Article, written.article)
         handled.know(Customer, customer.row)

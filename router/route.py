@@ -167,6 +167,7 @@ class Written:
     article_id: int
     ticket: dict[str, Any]
     article: dict[str, Any]
+    previous_status: str | None = None  # of a ticket threaded onto, before this message
 
 
 def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMail,
@@ -239,4 +240,4 @@ def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inb
         "kind": "reopened" if reopened else "customer_reply",
         "data": {"inbound_id": inbound.id, "by": match.key,
                  "previous_status": ticket.status}})
-    return Written(ticket.id, article["id"], dict(fresh._mapping), article)
+    return Written(ticket.id, article["id"], dict(fresh._mapping), article, ticket.status)

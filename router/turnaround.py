@@ -10,6 +10,7 @@ lands on Monday.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from router import fastsql
 from router.models import T_TICKET, TicketStatus
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
     from sqlmodel import Session
 
     from router.calendar import BusinessCalendar
@@ -87,8 +89,9 @@ def _ceil_local(dt: datetime, tz: ZoneInfo, step: int) -> datetime:
 
 # ---------------------------------------------------------------------------- estimate
 
-def estimate(now: datetime, calendar: BusinessCalendar, samples: list[float], backlog: int,
-             answer_rate: float | None, sla_target: timedelta, quantile: float = 0.9,
+def estimate(now: datetime, calendar: BusinessCalendar, samples: list[float],
+             backlog: int | Callable[[], int], answer_rate: float | None,
+             sla_target: timedelta, quantile: float = 0.9,
              min_samples: int = 20, *, sla_business_hours: bool = True,
              floor: float = FLOOR) -> Promise:
     """Promise a first-response time the team will beat (by default about 9 times in 10).
@@ -121,13 +124,16 @@ def estimate(now: datetime, calendar: BusinessCalendar, samples: list[float], ba
        rounded up to the next full local hour.
 
     Fewer than `min_samples` samples: the team's SLA target instead, basis "sla_fallback".
+    `backlog` may be a function that counts it: it is called only when the promise needs it
+    (counting reads the whole backlog, and most promises of a new team do not need it).
     """
     if now.tzinfo is None:
         raise ValueError("estimate needs an aware `now`")
     now = now.astimezone(UTC)
     detail: dict[str, Any] = {
         "samples": len(samples), "min_samples": min_samples, "quantile": quantile,
-        "backlog": backlog, "rate_per_hour": answer_rate, "floor_seconds": floor,
+        "backlog": backlog if isinstance(backlog, int) else None,
+        "rate_per_hour": answer_rate, "floor_seconds": floor,
     }
     if len(samples) < min_samples:
         detail["reason"] = (f"only {len(samples)} first responses in the history window, "
@@ -144,6 +150,8 @@ def estimate(now: datetime, calendar: BusinessCalendar, samples: list[float], ba
     q = sample_quantile(ordered, quantile)
     detail["quantile_seconds"] = q
     if answer_rate is not None and answer_rate > 0:
+        if not isinstance(backlog, int):
+            backlog = detail["backlog"] = backlog()
         drain = (backlog + 1) / answer_rate * 3600.0
         allowance = sample_quantile(ordered, ALLOWANCE_QUANTILE)
         detail["drain_seconds"] = drain
@@ -204,14 +212,22 @@ _BACKLOG = select(func.count()).select_from(T_TICKET).where(
 def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
             window: timedelta = timedelta(days=28), *, exclude_id: int | None = None,
             rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], int, float | None]:
-    """(samples, backlog, answer_rate) for `team` as of `now`.
+    """(samples, backlog, answer_rate) for `team` as of `now`: `answered`, and `backlog`
+    minus `exclude_id` (the ticket being acknowledged)."""
+    samples, rate = answered(session, team, now, calendar, window, rate_hours=rate_hours)
+    return samples, backlog(session.connection(), team, exclude_id), rate
+
+
+def answered(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
+             window: timedelta = timedelta(days=28), *,
+             rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], float | None]:
+    """(samples, answer_rate) for `team` as of `now`.
 
     samples: first-response times in business seconds of tickets created in the window and
-    answered by `now`. backlog: the team's new/open tickets without a first response (minus
-    `exclude_id`, the ticket being acknowledged). answer_rate: first responses per business
-    hour over the last `rate_hours` business hours, counted among the window's tickets so the
-    one query that filters by team and created_at serves both; None if the calendar had no
-    open time to measure over.
+    answered by `now`. answer_rate: first responses per business hour over the last
+    `rate_hours` business hours, counted among the window's tickets so the one query that
+    filters by team and created_at serves both; None if the calendar had no open time to
+    measure over.
     """
     session.flush()  # the queries below read the tables directly
     conn = session.connection()
@@ -236,15 +252,64 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
             if len(_HISTORY) > 256:
                 _HISTORY.clear()
             _HISTORY[key] = (signature, samples, answered_at)
-    backlog = int(fastsql.execute(
-        conn, _BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
-
     rate_start = calendar.add_business(now, -rate_hours * 3600.0)
     hours = calendar.business_seconds(rate_start, now) / 3600.0
     rate: float | None = None
     if hours > 0:
         rate = sum(1 for t in answered_at if t >= rate_start) / hours
-    return samples, backlog, rate
+    return samples, rate
+
+
+def backlog(conn: Connection, team: str, exclude_id: int | None = None, *,
+            counted: Backlogs | None = None) -> int:
+    """The team's new and open tickets without a first response, but `exclude_id`; with
+    `counted`, from what this transaction counted before."""
+    if counted is not None and exclude_id is not None:
+        return counted.count(conn, team, exclude_id)
+    return int(fastsql.execute(
+        conn, _BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
+
+
+_IN_BACKLOG = and_(T_TICKET.c.team == bindparam("team"),
+                   T_TICKET.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
+                   T_TICKET.c.first_response_at.is_(None))
+_BACKLOG_UPTO = select(func.count()).select_from(T_TICKET).where(
+    _IN_BACKLOG, T_TICKET.c.id <= bindparam("upto"))
+# The index on (team, status, first_response_at) ends in the id: a seek, not a count.
+_BACKLOG_AFTER = select(func.count()).select_from(T_TICKET).where(
+    _IN_BACKLOG, T_TICKET.c.id > bindparam("after"), T_TICKET.c.id != bindparam("exclude"))
+
+
+class Backlogs:
+    """The teams' backlogs as one write transaction sees them, each counted whole once.
+
+    A count reads every ticket in the backlog, and every new ticket's promise asks: in a
+    flood of N mails that is N²/2 index entries, inside the write lock. Here a team's
+    backlog is counted once up to the first ticket that asks, and after that only the
+    tickets opened since (a seek on the index). That is exact while the transaction
+    changes no older ticket's place in a backlog (its status, first response or team):
+    whoever might have calls `forget`. On PostgreSQL a transaction sees what other
+    instances commit meanwhile, and this does not: tickets they open with higher ids are
+    counted, their answers to older tickets are not, until the transaction ends.
+    """
+
+    def __init__(self) -> None:
+        self._upto: dict[str, tuple[int, int]] = {}  # team -> (count, up to this id)
+
+    def forget(self) -> None:
+        self._upto.clear()
+
+    def count(self, conn: Connection, team: str, exclude_id: int) -> int:
+        held = self._upto.get(team)
+        if held is None or exclude_id <= held[1]:
+            # First ask, or about an older ticket (its place in the count is unknown).
+            upto = exclude_id - 1
+            n = int(fastsql.execute(conn, _BACKLOG_UPTO,
+                                    {"team": team, "upto": upto}).scalar_one())
+            held = self._upto[team] = (n, upto)
+        n, upto = held
+        return n + int(fastsql.execute(conn, _BACKLOG_AFTER, {
+            "team": team, "after": upto, "exclude": exclude_id}).scalar_one())
 
 
 # ---------------------------------------------------------------------------- wording

@@ -30,6 +30,7 @@ from router.models import (
     Inbound,
     InboundStatus,
     Ticket,
+    TicketStatus,
 )
 from router.pipeline import Handled, Pipeline
 from tests.daemon import (
@@ -525,3 +526,58 @@ def test_pipeline_on_postgres(tmp_path: Path, pg_url: str) -> None:
 
 def _crash_always(conn: Any, handled: Handled) -> None:
     raise Crash
+
+
+def test_a_reopened_ticket_counts_in_the_backlog_of_the_promises_after_it(
+        tmp_path: Path) -> None:
+    """One write transaction counts each team's backlog once (`turnaround.Backlogs`); a reply
+    that puts an older ticket back into its team's backlog makes the promises after it, in
+    the same transaction, count it."""
+    from router import turnaround
+    from router.ack import ack_hook
+    from router.calendar import BusinessCalendar
+
+    with open_store(tmp_path / "etc", hooks=[ack_hook]) as store:
+        store.accept(make_mail(subject="first", message_id="<x.1@example.org>"))
+        assert store.drain() == 1
+        now = datetime.now(UTC)
+        with store.session() as s:
+            x = s.exec(select(Ticket)).one()
+            x.status = TicketStatus.PENDING
+            s.add(x)
+            assert x.customer_id is not None
+            # 22 tickets answered in half an hour, two of them within the last eight
+            # hours: a rate of 0.25 answers an hour, so each ticket waiting adds four hours.
+            for i in range(22):
+                created = now - timedelta(hours=3 + (i if i < 2 else 10 + i))
+                s.add(Ticket(team="support", customer_id=x.customer_id, status="solved",
+                             address="support@acme.test", created_at=created,
+                             updated_at=created, last_customer_at=created,
+                             first_response_at=created + timedelta(minutes=30)))
+            s.commit()
+        store.pipeline.lock_slice = 600.0  # all three in one transaction
+        store.accept(make_mail(subject="A", frm="Ann <ann@example.org>",
+                               message_id="<a.1@example.org>"))
+        store.accept(make_mail(subject="Re: first", message_id="<x.2@example.org>",
+                               in_reply_to="<x.1@example.org>"))
+        store.accept(make_mail(subject="B", frm="Bob <bob@example.org>",
+                               message_id="<b.1@example.org>"))
+        assert store.drain() == 3
+        with store.session() as s:
+            b = s.exec(select(Ticket).where(Ticket.subject == "B")).one()
+            assert s.get(Ticket, x.id).status == TicketStatus.OPEN  # type: ignore[union-attr]
+            team = store.settings.team_by_name("support")
+            assert team is not None and b.promised_at is not None
+            calendar = BusinessCalendar.cached_for_team(team)
+            samples, rate = turnaround.answered(s, "support", b.created_at, calendar,
+                                                timedelta(days=28))
+
+            def promised(backlog: int) -> datetime:
+                assert team is not None
+                return turnaround.estimate(
+                    b.created_at, calendar, samples, backlog, rate, team.sla.first_response,
+                    store.settings.ack.quantile, store.settings.ack.min_history,
+                    sla_business_hours=team.sla.business_hours).deadline
+
+            # Ahead of B: A, and the reopened ticket; without it the promise is hours sooner.
+            assert b.promised_at == promised(2) != promised(1)

@@ -229,3 +229,64 @@ def test_history_of_an_empty_team(session: Session) -> None:
     assert (got, backlog, rate) == ([], 0, 0.0)
     p = estimate(MON_10, CAL, got, backlog, rate, SLA)
     assert p.basis == "sla_fallback"
+
+
+def test_the_backlog_is_counted_only_when_the_promise_needs_it() -> None:
+    asked: list[int] = []
+
+    def count() -> int:
+        asked.append(1)
+        return 2
+
+    fallback = estimate(MON_10, CAL, samples(5), backlog=count, answer_rate=6.0,
+                        sla_target=SLA)
+    assert fallback.basis == "sla_fallback" and asked == []
+    assert fallback.detail["backlog"] is None
+    no_rate = estimate(MON_10, CAL, samples(), backlog=count, answer_rate=None,
+                       sla_target=SLA)
+    assert no_rate.basis == "history" and asked == []
+    p = estimate(MON_10, CAL, samples(), backlog=count, answer_rate=6.0, sla_target=SLA)
+    assert asked == [1]
+    assert p.detail["backlog"] == 2
+    assert p.deadline == estimate(MON_10, CAL, samples(), 2, 6.0, SLA).deadline
+
+
+def test_backlogs_counted_once_per_transaction_stay_exact(session: Session) -> None:
+    """`Backlogs` counts a team's backlog whole once, then only the tickets opened since:
+    through a run of new tickets it agrees with a full count each time; a change to an
+    older ticket needs `forget`, and then it agrees again."""
+    now = MON_10
+    c = Customer(email="a@example.com", created_at=now, last_seen_at=now)
+    session.add(c)
+    session.commit()
+    assert c.id is not None
+    old = [add_ticket(session, c.id, "support", now, None, TicketStatus.NEW) for _ in range(5)]
+    for _ in range(5):
+        add_ticket(session, c.id, "billing", now, None)
+    add_ticket(session, c.id, "support", now, now, TicketStatus.OPEN)  # answered
+    pending = add_ticket(session, c.id, "support", now, None, TicketStatus.PENDING)
+    session.commit()
+    counted = turnaround.Backlogs()
+    conn = session.connection()
+
+    def both(team: str, ticket: Ticket) -> tuple[int, int]:
+        session.flush()
+        return (turnaround.backlog(conn, team, ticket.id, counted=counted),
+                turnaround.backlog(conn, team, ticket.id))
+
+    opened: list[Ticket] = []
+    for i in range(4):
+        opened.append(add_ticket(session, c.id, "support", now, None, TicketStatus.NEW))
+        assert both("support", opened[-1]) == (5 + i, 5 + i)
+    other = add_ticket(session, c.id, "billing", now, None)
+    assert both("billing", other) == (5, 5)
+    # Older tickets change: the pending one reopened by a reply, two answered.
+    pending.status = TicketStatus.OPEN
+    old[0].first_response_at = old[1].first_response_at = now
+    opened.append(add_ticket(session, c.id, "support", now, None, TicketStatus.NEW))
+    assert both("support", opened[-1]) == (9, 8)  # what `forget` is for
+    counted.forget()
+    assert both("support", opened[-1]) == (8, 8)
+    # Asked about an older ticket, it counts afresh rather than guess.
+    assert both("support", opened[1]) == (8, 8)
+    assert both("support", opened[-1]) == (8, 8)
