@@ -204,9 +204,10 @@ def plan(clocks: dict[str, SlaClock], team: Team, fired: FiredKeys) -> list[Plan
 
 def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
                clocks: dict[str, SlaClock] | None = None,
-               fired: FiredKeys | None = None) -> datetime | None:
+               fired: FiredKeys | None = None, current: bool = False) -> datetime | None:
     """Recompute the clocks' deadlines and `ticket.next_due_at`, in the caller's session.
-    `clocks` and `fired`, when the caller has them current, save two queries."""
+    `clocks` and `fired`, when the caller has them current, save two queries; `current`:
+    the clocks' deadlines are too (just started: `sla.start_ticket` computed them)."""
     assert ticket.id is not None
     team = settings.team_by_name(ticket.team)
     if clocks is None:
@@ -215,7 +216,7 @@ def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
         # The team left the config: nothing to count against; show it, don't escalate it.
         ticket.next_due_at = None
     else:
-        for c in clocks.values():
+        for c in clocks.values() if not current else ():
             deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
             # Assigning an equal value would still make the flush inspect the clock.
             if deadline != c.deadline_at:
@@ -250,7 +251,7 @@ def sla_hook(conn: Connection, handled: Handled) -> None:
     if handled.new_ticket:
         # Opened in this transaction: no clocks yet, no step fired yet.
         clocks = sla.start_ticket(session, ticket, team, handled.now, have={})
-        reschedule(session, ticket, settings, clocks=clocks, fired=set())
+        reschedule(session, ticket, settings, clocks=clocks, fired=set(), current=True)
     elif handled.customer.email in our_addresses(settings):
         return  # staff writing on the thread (e.g. answering a notification): no clock
     else:

@@ -228,12 +228,14 @@ _NEW_WAITING = select(func.count()).select_from(
     .limit(bindparam("cap")).subquery())
 _BATCH = select(*T_INBOUND.c).where(
     T_INBOUND.c.id.in_(bindparam("ids", expanding=True))).order_by(*_ARRIVAL)
-# The batch's messages still new, without their raw bytes (parsed already): on PostgreSQL
-# locked, and those another instance holds skipped.
-_PENDING = (select(*(c for c in T_INBOUND.c if c.name != "raw"))
-            .where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True)),
-                   T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL))
-_PENDING_LOCKED = _PENDING.with_for_update(skip_locked=True)
+# On PostgreSQL, the batch's messages still new, without their raw bytes (parsed already),
+# locked, and those another instance holds skipped (on SQLite: `_still_new`).
+_PENDING_LOCKED = (select(*(c for c in T_INBOUND.c if c.name != "raw"))
+                   .where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True)),
+                          T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL)
+                   .with_for_update(skip_locked=True))
+_STILL_NEW = select(T_INBOUND.c.id).where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True)),
+                                          T_INBOUND.c.status == InboundStatus.NEW)
 _INBOUND_DONE = update(T_INBOUND).where(T_INBOUND.c.id == bindparam("iid")).values(
     status=InboundStatus.DONE, ticket_id=bindparam("tid"), processed_at=bindparam("at"))
 
@@ -272,6 +274,7 @@ class Prepared:
     decision rests on."""
 
     parsed: ParsedMail | BaseException
+    inbound: Any = None  # its inbound row, as read to prepare it
     decision: Decision | BaseException | None = None
     customer: CustomerFacts | None = None
     # Found before the lock, it still holds: tickets and their thread keys are never deleted.
@@ -313,7 +316,6 @@ class Pipeline:
         self.lock_slice = 0.050 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
         # SMTP intake on SQLite commits into spools of its own; moving them is our job.
-        self._pending = _PENDING if self.sqlite else _PENDING_LOCKED
         self.mover = SpoolMover(url, self.read_engine, self.write_engine,
                                 clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
@@ -394,7 +396,7 @@ class Pipeline:
                     if fetched:
                         assert self.mover is not None
                         moved = self.mover.store(conn, fetched)
-                    for inbound in fastsql.execute(conn, self._pending, {"ids": todo}).all():
+                    for inbound in self._still_new(conn, todo, prepared):
                         self._handle_one(conn, inbound, prepared[inbound.id], settings,
                                          tally, guarded=inbound.id in guarded,
                                          backlogs=backlogs)
@@ -444,6 +446,18 @@ class Pipeline:
                     with suppress(Exception):
                         set_synchronous(conn, "NORMAL")
 
+    def _still_new(self, conn: Connection, ids: list[int],
+                   prepared: dict[int, Prepared]) -> list[Any]:
+        """The inbound rows of those of `ids` still new, in order of arrival. On SQLite the
+        rows read to prepare them: only this worker changes them (workers split them by id,
+        instances do not share SQLite), so only their status is read again, in the write
+        lock. On PostgreSQL read again and locked, skipping those another instance holds."""
+        if not self.sqlite:
+            return fastsql.execute(conn, _PENDING_LOCKED, {"ids": ids}).all()
+        new = {row.id for row in fastsql.execute(conn, _STILL_NEW, {"ids": ids})}
+        return sorted((prepared[i].inbound for i in ids if i in new),
+                      key=lambda row: (row.received_at, row.id))
+
     def _turn(self) -> AbstractContextManager[None]:
         return self.turns.turn() if self.turns is not None else nullcontext()
 
@@ -467,7 +481,8 @@ class Pipeline:
         """Prepare the messages `ids` into `batch`; the bytes read."""
         size = 0
         for row in fastsql.execute(conn, _BATCH, {"ids": ids}).all():
-            batch.prepared[row.id] = self._prepare(conn, row, batch.settings)
+            batch.prepared[row.id] = prepared = self._prepare(conn, row, batch.settings)
+            prepared.inbound = row
             size += row.size
         batch.size += size
         return size
