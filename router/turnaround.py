@@ -275,7 +275,8 @@ _IN_BACKLOG = and_(T_TICKET.c.team == bindparam("team"),
                    T_TICKET.c.first_response_at.is_(None))
 _BACKLOG_UPTO = select(func.count()).select_from(T_TICKET).where(
     _IN_BACKLOG, T_TICKET.c.id <= bindparam("upto"))
-# The index on (team, status, first_response_at) ends in the id: a seek, not a count.
+# A seek, not a count: SQLite's index on (team, status, first_response_at) ends in the
+# rowid, and PostgreSQL has one on (team, status, id).
 _BACKLOG_AFTER = select(func.count()).select_from(T_TICKET).where(
     _IN_BACKLOG, T_TICKET.c.id > bindparam("after"), T_TICKET.c.id != bindparam("exclude"))
 
