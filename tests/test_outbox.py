@@ -399,3 +399,22 @@ async def test_postgres_two_daemons_send_each_row_once(
     finally:
         first.dispose()
         second.dispose()
+
+
+def test_nothing_due_is_found_without_the_write_lock(engine: Engine, tmp_path: Path) -> None:
+    """With nothing due the claim only reads: it neither waits for the write lock (held here
+    as the pipeline's transactions hold it) nor fails when it cannot have it."""
+    queue(engine, T0 + timedelta(hours=1))  # not due yet
+    settings = load_settings(tmp_path, str(engine.url), 1)
+    impatient = make_engine(str(engine.url), busy_ms=50)
+    writer = make_engine(str(engine.url), immediate=True)
+    try:
+        w = worker(impatient, settings, FakeClock(T0))
+        with writer.begin():  # BEGIN IMMEDIATE: the write lock, held
+            assert w._claim(timedelta(minutes=5)) == []
+        # Due: the claim writes, as before.
+        w.clock = FakeClock(T0 + timedelta(hours=2))
+        assert len(w._claim(timedelta(minutes=5))) == 1
+    finally:
+        impatient.dispose()
+        writer.dispose()
