@@ -51,7 +51,6 @@ from router.models import (
     Customer,
     InboundStatus,
     Ticket,
-    TicketStatus,
     loaded,
     table_of,
 )
@@ -66,11 +65,10 @@ from router.route import (
 from router.rules import Context
 from router.rules.alerts import send_alerts
 from router.settings import Settings
-from router.turnaround import Backlogs
+from router.turnaround import BACKLOG_STATUSES, Backlogs
 from router.turns import Turns
 
 UNKNOWN_SENDER = "unknown-sender@invalid"
-_IN_BACKLOG = (TicketStatus.NEW, TicketStatus.OPEN)
 # Messages prepared at a time while another worker writes: about 1.5 ms each, so the turn
 # waits a few ms at most once the other lets go.
 PREPARE_STEP = 4
@@ -477,15 +475,12 @@ class Pipeline:
                 return []
         return self.mover.fetch()
 
-    def _prepare_rows(self, conn: Connection, ids: list[int], batch: _Batch) -> int:
-        """Prepare the messages `ids` into `batch`; the bytes read."""
-        size = 0
+    def _prepare_rows(self, conn: Connection, ids: list[int], batch: _Batch) -> None:
+        """Prepare the messages `ids` into `batch`."""
         for row in fastsql.execute(conn, _BATCH, {"ids": ids}).all():
             batch.prepared[row.id] = prepared = self._prepare(conn, row, batch.settings)
             prepared.inbound = row
-            size += row.size
-        batch.size += size
-        return size
+            batch.size += row.size
 
     def _prepare_while_busy(self, conn: Connection, batch: _Batch) -> list[int]:
         """While another worker writes, prepare more of ours instead of waiting for it (on
@@ -562,7 +557,7 @@ class Pipeline:
 
     def _handle_one(self, conn: Connection, inbound: Any, prepared: Prepared,
                     settings: Settings, tally: _Tally, *, guarded: bool,
-                    backlogs: Backlogs | None = None) -> None:
+                    backlogs: Backlogs) -> None:
         """Route one message in the slice's transaction. A savepoint per message would cost
         two statements each, and messages almost never raise: one that does rolls the whole
         slice back (`_Redo`), and is handled again `guarded`, in a savepoint of its own."""
@@ -594,8 +589,7 @@ class Pipeline:
             self._defer(inbound, prepared, tally, wait)
         except Exception as exc:
             savepoint.rollback()
-            if backlogs is not None:
-                backlogs.forget()  # it may have counted what the rollback took back
+            backlogs.forget()  # it may have counted what the rollback took back
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.PARKED, error=traceback.format_exc(),
                 attempts=inbound.attempts + 1, processed_at=self.clock()))
@@ -616,8 +610,8 @@ class Pipeline:
     # ------------------------------------------------------------------ one message
 
     def handle(self, conn: Connection, inbound: Any, parsed: ParsedMail,
-               settings: Settings, *, prepared: Prepared | None = None,
-               backlogs: Backlogs | None = None) -> Handled | None:
+               settings: Settings, *, backlogs: Backlogs,
+               prepared: Prepared | None = None) -> Handled | None:
         """Route one message in `conn`'s transaction. `backlogs`: the team backlogs counted
         in this transaction so far; a message that may move an older ticket into or out of
         a backlog makes it forget them."""
@@ -632,14 +626,12 @@ class Pipeline:
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
                 status=InboundStatus.DONE, processed_at=self.clock(),
                 ticket_id=event.ticket_id if event is not None else None))
-            if backlogs is not None:
-                backlogs.forget()
+            backlogs.forget()
             return None
         # An agent answering by mail writes to a reply address, which is also a plus-address
         # of the team: it must be judged here, before it could thread or open a ticket.
         if agentmail.handle_reply(conn, inbound, parsed, settings, self.clock()):
-            if backlogs is not None:
-                backlogs.forget()  # an answer: the ticket may have left its backlog
+            backlogs.forget()  # an answer: the ticket may have left its backlog
             return None
         match = prepared.match if prepared is not None and prepared.match is not None \
             else find_thread(conn, parsed, settings)
@@ -653,7 +645,7 @@ class Pipeline:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)
             new = False
-            if backlogs is not None and written.previous_status not in _IN_BACKLOG:
+            if written.previous_status not in BACKLOG_STATUSES:
                 backlogs.forget()  # reopened: back in its team's backlog
         else:
             facts = _facts(customer.row["vip"], customer.row["attributes"], customer.language)

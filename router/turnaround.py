@@ -203,10 +203,13 @@ _SIGNATURE = select(func.count(), func.max(T_TICKET.c.first_response_at),
                     func.min(T_TICKET.c.created_at),
                     func.max(T_TICKET.c.id)).where(_ANSWERED)
 _SAMPLES = select(T_TICKET.c.created_at, T_TICKET.c.first_response_at).where(_ANSWERED)
+# A team's backlog: its tickets waiting for a first response.
+BACKLOG_STATUSES = (TicketStatus.NEW, TicketStatus.OPEN)
+_IN_BACKLOG = and_(T_TICKET.c.team == bindparam("team"),
+                   T_TICKET.c.status.in_(BACKLOG_STATUSES),
+                   T_TICKET.c.first_response_at.is_(None))
 _BACKLOG = select(func.count()).select_from(T_TICKET).where(
-    T_TICKET.c.team == bindparam("team"),
-    T_TICKET.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
-    T_TICKET.c.first_response_at.is_(None), T_TICKET.c.id != bindparam("exclude"))
+    _IN_BACKLOG, T_TICKET.c.id != bindparam("exclude"))
 
 
 def history(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
@@ -270,9 +273,6 @@ def backlog(conn: Connection, team: str, exclude_id: int | None = None, *,
         conn, _BACKLOG, {"team": team, "exclude": exclude_id or 0}).scalar_one())
 
 
-_IN_BACKLOG = and_(T_TICKET.c.team == bindparam("team"),
-                   T_TICKET.c.status.in_((TicketStatus.NEW, TicketStatus.OPEN)),
-                   T_TICKET.c.first_response_at.is_(None))
 _BACKLOG_UPTO = select(func.count()).select_from(T_TICKET).where(
     _IN_BACKLOG, T_TICKET.c.id <= bindparam("upto"))
 # A seek, not a count: SQLite's index on (team, status, first_response_at) ends in the
