@@ -6,6 +6,11 @@ the package, loaded once per process, nothing downloaded) names the language of 
 and the first 2,000 characters of the text when it is at least `MIN_CONFIDENCE` sure. When
 it is not (very short mail), a letter-and-stopword test still recognises Turkish; anything
 else returns None and the team's default applies.
+
+py3langid scores with the model as it ships; `router.langid_vector` computes the same
+scores with whole-array operations (the library's byte-at-a-time walk in Python cost a
+pipeline worker a tenth of its time). Both are imported on first use: numpy and the model
+have no business in `router ingest`'s start-up.
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ def _declared(parsed: ParsedMail) -> str | None:
 
 @lru_cache(maxsize=1)
 def _identifier() -> Any:
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    from router.langid_vector import load
 
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    return load()
 
 
 def identify(text: str) -> tuple[str, float] | None:
