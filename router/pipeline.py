@@ -476,11 +476,16 @@ class Pipeline:
         return self.mover.fetch()
 
     def _prepare_rows(self, conn: Connection, ids: list[int], batch: _Batch) -> None:
-        """Prepare the messages `ids` into `batch`."""
-        for row in fastsql.execute(conn, _BATCH, {"ids": ids}).all():
+        """Prepare the messages `ids` into `batch`. The read snapshot is let go every few
+        messages: on SQLite the write-ahead log can only be emptied once no reader uses it
+        (`checkpoint.py`), and preparing a batch takes long enough to hold that up."""
+        for n, row in enumerate(fastsql.execute(conn, _BATCH, {"ids": ids}).all(), 1):
             batch.prepared[row.id] = prepared = self._prepare(conn, row, batch.settings)
             prepared.inbound = row
             batch.size += row.size
+            if n % PREPARE_STEP == 0:
+                conn.rollback()
+        conn.rollback()
 
     def _prepare_while_busy(self, conn: Connection, batch: _Batch) -> list[int]:
         """While another worker writes, prepare more of ours instead of waiting for it (on
