@@ -47,7 +47,9 @@ class VectorIdentifier(LanguageIdentifier):  # type: ignore[misc]
         byte = np.arange(256, dtype=np.int64)
         while True:
             reached = np.zeros_like(seen)
-            reached[self._next[(self._rows[frontier][:, None] + byte).ravel()]] = True
+            for start in range(0, len(frontier), 4096):  # 8 MB of indices at a time
+                rows = self._rows[frontier[start:start + 4096]]
+                reached[self._next[(rows[:, None] + byte).ravel()]] = True
             reached &= ~seen
             if not reached.any():
                 return depth
