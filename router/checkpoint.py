@@ -35,7 +35,6 @@ from router import log
 # About two seconds of the pipeline's writes at full speed: big enough that the log is
 # emptied rarely, small enough that it never takes much of the disk.
 LOG_LIMIT = 64 * 1024 * 1024
-_BUSY_MS = 1000
 
 
 class Checkpointer:
@@ -67,14 +66,18 @@ class Checkpointer:
                 try:
                     if conn is None:
                         # Never creates the database: one removed under us stays removed.
+                        # The timeout is how long a TRUNCATE waits: PASSIVE never does.
                         conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=rw",
-                                               uri=True, timeout=_BUSY_MS / 1000,
+                                               uri=True, timeout=self.wait,
                                                check_same_thread=False)
                     # (busy, frames in the log, frames copied back): nothing new, no sync.
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.checkpoints += 1
                     if self._log_size() > self.limit:
-                        self._truncate(conn)
+                        # Busy (readers did not let go in time): again next round.
+                        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                        if not busy:
+                            self.truncations += 1
                     if failing:
                         failing = False
                         self._log.info("wal_checkpoint_recovered", database=str(self.path))
@@ -96,13 +99,3 @@ class Checkpointer:
             return self.path.with_name(self.path.name + "-wal").stat().st_size
         except FileNotFoundError:
             return 0
-
-    def _truncate(self, conn: sqlite3.Connection) -> None:
-        """Copy back the rest of the log and empty it, if the readers let go in time."""
-        conn.execute(f"PRAGMA busy_timeout={int(self.wait * 1000)}")
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(_BUSY_MS)}")
-        if not busy:
-            self.truncations += 1
