@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -425,3 +426,88 @@ def test_serve_sigkill_loses_nothing(tmp_path: Path) -> None:
             assert len({x.ticket_id for x in done}) == 5
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------- DATA in blocks
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.got.append(envelope.original_content)
+        return "250 OK"
+
+
+_LINES = b"".join(b"%076d\r\n" % i for i in range(2000))  # a base64-sized attachment
+DATA_CASES: list[tuple[str, bytes, int]] = [
+    ("empty", b".\r\n", 10_000),
+    ("one line", b"a\r\n.\r\n", 10_000),
+    ("no final CRLF seen as end", b"a.\r\n.\r\n", 10_000),
+    ("stuffed dots", b"..x\r\n.y\r\n..\r\n...\r\nz\r\n.\r\n", 10_000),
+    ("first line dotted", b".hello\r\nworld\r\n.\r\n", 10_000),
+    ("sentences end in dots", b"End.\r\nMore. \r\n.\r\nQUIT-not\r\n", 10_000),
+    ("LF.LF", b"a\n.\nMAIL FROM:<e@x>\r\n.\r\n", 10_000),
+    ("CRLF.LF", b"a\r\n.\nb\r\n.\r\n", 10_000),
+    ("LF.CRLF", b"a\n.\r\nb\r\n.\r\n", 10_000),
+    ("CR.CRLF", b"a\r.\r\nb\r\n.\r\n", 10_000),
+    ("8-bit", "Grüße\r\n.\r\n".encode("latin-1"), 10_000),
+    ("large", _LINES + b".\r\n", 1_000_000),
+    ("line of 999", b"x" * 999 + b"\r\n.\r\n", 10_000),
+    ("line of 1000", b"x" * 1000 + b"\r\n.\r\n", 10_000),
+    ("line of 5000", b"y\r\n" + b"x" * 5000 + b"\r\nz\r\n.\r\n", 100_000),
+    ("exactly the limit", b"x" * 98 + b"\r\n.\r\n", 100),
+    ("one byte over", b"x" * 99 + b"\r\n.\r\n", 100),
+    ("far over", _LINES + b".\r\n", 20_000),
+]
+
+
+async def _data_replies(cls: type, payload: bytes, limit: int,
+                        chunk: int | None) -> tuple[list[str], list[bytes]]:
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder()
+    server = await loop.create_server(
+        lambda: cls(recorder, data_size_limit=limit, enable_SMTPUTF8=True,
+                    decode_data=False, loop=loop), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        c = await Line.open(port)
+        try:
+            for command in ("EHLO client.example.org", "MAIL FROM:<a@example.org>",
+                            "RCPT TO:<support@acme.test>", "DATA"):
+                await c.cmd(command)
+            # QUIT pipelined right behind the data: it must be left for the command loop.
+            stream = payload + b"QUIT\r\n"
+            step = chunk or len(stream)
+            for i in range(0, len(stream), step):
+                c.writer.write(stream[i:i + step])
+                await c.writer.drain()
+                if chunk:
+                    await asyncio.sleep(0.002)
+            return await c.rest(), recorder.got
+        finally:
+            c.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# Every case whole; the short ones also a few bytes per write, so each boundary case meets
+# the end-of-data dot split across reads.
+_DATA_RUNS = [pytest.param(p, lim, None, id=f"whole-{n}") for n, p, lim in DATA_CASES] + [
+    pytest.param(p, lim, 3, id=f"in-3-byte-writes-{n}")
+    for n, p, lim in DATA_CASES if len(p) <= 20_000]
+
+
+@pytest.mark.parametrize(("payload", "limit", "chunk"), _DATA_RUNS)
+async def test_data_in_blocks_answers_and_stores_as_aiosmtpd(
+        payload: bytes, limit: int, chunk: int | None) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from router.intake.smtp import RouterSMTP
+
+    theirs = await _data_replies(SMTP, payload, limit, chunk)
+    ours = await _data_replies(RouterSMTP, payload, limit, chunk)
+    assert ours == theirs
+    assert theirs[0][-1].startswith("221")  # the pipelined QUIT was read as a command

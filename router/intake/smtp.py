@@ -20,7 +20,7 @@ from collections.abc import Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.lmtp import LMTP
@@ -71,11 +71,101 @@ class _FastAddr:
         return addr, rest
 
 
-class RouterSMTP(_FastAddr, SMTP):  # type: ignore[misc]
+# What ends DATA: a line of a lone dot. Its leading CRLF may end the bytes read before.
+_DOT_LINE = b".\r\n"
+# aiosmtpd's limit: a line (CRLF included) longer than 1001 bytes gets a 500.
+_LINE_MAX = SMTP.line_length_limit - 2
+
+
+class _FastData:
+    """DATA read in blocks, not a line at a time. aiosmtpd 1.4.6 awaits `readuntil` and
+    joins fragments once per line, about 250 times for the benchmark's mean mail and 2,000
+    for a 150 KB attachment: a sixth of an intake process's CPU. Here the stream is read up
+    to each ".\r\n" (or a buffer's worth), and a piece ends DATA only when the two bytes
+    before that dot are CRLF, so exactly aiosmtpd's rule holds: a line of a lone dot after
+    CRLF, never after a bare LF or CR (SMTP smuggling). Replies, limits and the handler
+    call are aiosmtpd's; `tests/test_intake_smtp.py` compares the two on the same bytes."""
+
+    _reader: asyncio.StreamReader
+    envelope: Any
+    data_size_limit: int | None
+    _decode_data: bool
+
+    async def smtp_DATA(self, arg: str) -> None:
+        server = cast(SMTP, self)
+        if await server.check_helo_needed() or await server.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await server.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await server.push("501 Syntax: DATA")
+            return
+        await server.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            raw, problem = await self._read_data()
+        except asyncio.CancelledError:
+            server._writer.close()  # the connection went away mid-DATA, as aiosmtpd does
+            raise
+        if problem is not None:
+            await server.push(problem)
+            server._set_post_data_state()
+            return
+        # Dot-stuffing undone: the first byte of every line that starts with a dot goes.
+        content = raw.replace(b"\r\n.", b"\r\n")
+        if content.startswith(b"."):
+            content = content[1:]
+        assert not self._decode_data  # router stores bytes verbatim
+        self.envelope.content = self.envelope.original_content = content
+        status = await server._call_handler_hook("DATA")
+        server._set_post_data_state()
+        await server.push("250 OK" if status is aiosmtpd_smtp.MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """The DATA bytes (still dot-stuffed, without the final dot line) and the error
+        reply, if any. Past the size limit the rest is read and dropped, as aiosmtpd does;
+        a too-long line found before the limit gets aiosmtpd's 500 instead of 552."""
+        reader = self._reader
+        limit = self.data_size_limit
+        parts: list[bytes] = []
+        size = 0
+        tail = b"\r\n"  # DATA begins at the start of a line
+        problem: str | None = None
+        while True:
+            try:
+                piece = await reader.readuntil(_DOT_LINE)
+                ended = (tail + piece)[-5:-3] == b"\r\n"
+            except asyncio.LimitOverrunError as exc:
+                piece = await reader.read(exc.consumed)
+                ended = False
+            tail = (tail + piece)[-2:]
+            size += len(piece) - (3 if ended else 0)
+            if problem is None and limit and size > limit:
+                problem = _too_long(parts) or "552 Error: Too much mail data"
+                parts.clear()
+            if problem is None:
+                parts.append(piece)
+            if ended:
+                break
+        if problem is not None:
+            return b"", problem
+        raw = b"".join(parts)[:-3]
+        return raw, _too_long([raw])
+
+
+def _too_long(parts: list[bytes]) -> str | None:
+    data = b"".join(parts)
+    if len(data) > _LINE_MAX and max(map(len, data.split(b"\r\n"))) > _LINE_MAX:
+        return "500 Line too long (see RFC5321 4.5.3.1.6)"
+    return None
+
+
+class RouterSMTP(_FastAddr, _FastData, SMTP):  # type: ignore[misc]
     pass
 
 
-class RouterLMTP(_FastAddr, LMTP):  # type: ignore[misc]
+class RouterLMTP(_FastAddr, _FastData, LMTP):  # type: ignore[misc]
     pass
 
 
