@@ -27,13 +27,15 @@ from datetime import UTC, datetime
 from email import utils as email_utils
 from email.generator import BytesGenerator
 from email.message import Message
-from email.parser import BytesHeaderParser, BytesParser
+from email.parser import BytesHeaderParser
 from email.policy import compat32
 from io import BytesIO
 from itertools import groupby
 from operator import itemgetter
 
 from inscriptis import get_text
+
+from router.mime_tree import message_from_bytes
 
 __all__ = [
     "Attachment",
@@ -970,13 +972,16 @@ def _parse_date(value: str | None, defects: _Defects) -> datetime | None:
 
 
 def _parse(raw: bytes) -> ParsedMail:
+    return _parse_tree(raw, message_from_bytes(raw, _PARSE_POLICY))
+
+
+def _parse_tree(raw: bytes, msg: Message) -> ParsedMail:
     defects = _Defects()
     if not raw.strip():
         defects.add("empty message", structural=True)
     if b"\x00" in raw:
         defects.add("NUL bytes in message (garbage or binary data)", structural=True)
 
-    msg = BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
     raw_headers = [(str(name), value) for name, value in msg.raw_items()]
     if not raw_headers and raw.strip():
         defects.add("no headers at all", structural=True)
