@@ -159,25 +159,29 @@ def test_full_files_are_removed_once_moved(url: str, monkeypatch: pytest.MonkeyP
     full file goes once every row of it was moved (never the one intake writes to)."""
     monkeypatch.setattr(spool_module, "ROTATE_ROWS", 10)
     spool = _spool_at(url)
-    for k in range(5):  # five commits of five: files 1, 2 and 3
+    for k in range(5):  # five commits of five: files 1, 2 and 3, and 4 made ahead
         asyncio.run(_accept(spool, [_env(5 * k + i) for i in range(5)]))
-    assert [f.number for f in spool_files(url)] == [1, 2, 3]
+    spool.settle()
+    assert [f.number for f in spool_files(url)] == [1, 2, 3, 4]
     with _mover(url, max_rows=7) as mover:
         assert mover.move() == 7   # at most max_rows in all, from one file or several
-        assert [f.number for f in spool_files(url)] == [1, 2, 3]
+        assert [f.number for f in spool_files(url)] == [1, 2, 3, 4]
         assert len(unmoved(url)) == 18
         moved = 7
         while n := mover.move():
             moved += n
         assert moved == 25
-        assert [f.number for f in spool_files(url)] == [3]
+        assert [f.number for f in spool_files(url)] == [3, 4]
         assert not list(Path(url.removeprefix("sqlite:///")).parent.glob("*spool-0-1*"))
-        # Intake carries on in the file it writes to; a new intake process picks it too.
+        # A new intake process carries on in the newest file (the one made ahead) and
+        # seals the one before, which then goes too.
         spool.close()
         spool = _spool_at(url)
-        assert spool.number == 3
+        assert spool.number == 4
         asyncio.run(_accept(spool, [_env(100)]))
         assert mover.move() == 1
+        spool.settle()
+        assert [f.number for f in spool_files(url)] == [4, 5]
     assert len(inbound_rows(url)) == 26
     assert {r.deliveries for r in inbound_rows(url)} == {1}
     spool.close()
@@ -283,7 +287,7 @@ def test_a_spool_made_again_is_not_taken_as_moved(url: str) -> None:
         assert mover.move() == 3
         spool.close()
         path = spool.path
-        for p in path.parent.glob(path.name + "*"):
+        for p in path.parent.glob("*.spool-0-*"):  # the file, and the next one made ahead
             p.unlink()
         spool = _spool_at(url)
         assert spool.path == path
@@ -344,19 +348,22 @@ def test_a_failed_rotation_loses_nothing(url: str, monkeypatch: pytest.MonkeyPat
     """The rows are committed before the next file is started: if starting it fails (disk
     full, say), those senders still get their 250 and the full file takes more mail."""
     monkeypatch.setattr(spool_module, "ROTATE_ROWS", 2)
-    spool = _spool_at(url)
     real = spool_module._create
     failed: list[Path] = []
+    full = True
 
     def flaky(path: Path) -> str:
-        if not failed:
+        if full and path.name.endswith("-2.db"):
             failed.append(path)
             raise OSError("No space left on device")
         return real(path)
 
     monkeypatch.setattr(spool_module, "_create", flaky)
+    spool = _spool_at(url)
     asyncio.run(_accept(spool, [_env(0), _env(1)]))
-    assert failed and spool.number == 1
+    # Making file 2 ahead failed, and so did making it at the rotation.
+    assert len(failed) == 2 and spool.number == 1
+    full = False
     asyncio.run(_accept(spool, [_env(2)]))
     assert spool.number == 2
     with _mover(url) as mover:
@@ -428,4 +435,46 @@ def test_only_sealed_files_are_removed(url: str) -> None:
         first = spool_file(url, 0, 1)
         assert first is not None and not first.exists()
     assert len(inbound_rows(url)) == 2
+    spool.close()
+
+
+def test_the_next_file_is_made_ahead_and_the_full_one_closed_aside(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a spool file takes three commits, sealing one a fourth and closing it a
+    checkpoint of its whole log: done on intake's writer thread at a rotation, or beside it
+    with the checkpoint's writes, they held every sender waiting on that process."""
+    monkeypatch.setattr(spool_module, "ROTATE_ROWS", 2)
+    real_create, real_write = spool_module._create, spool_module.write_rows
+    made: list[str] = []
+    sealed: list[str] = []
+
+    def create(path: Path) -> str:
+        made.append(threading.current_thread().name)
+        return real_create(path)
+
+    def write(engine: Any, stmt: Any, rows: Any) -> None:
+        if stmt is spool_module._SEAL:
+            sealed.append(threading.current_thread().name)
+        real_write(engine, stmt, rows)
+
+    monkeypatch.setattr(spool_module, "_create", create)
+    monkeypatch.setattr(spool_module, "write_rows", write)
+    spool = _spool_at(url)
+    spool.settle()
+    assert made == ["MainThread", "spool-spare"]  # file 1 to start with, file 2 ahead
+    asyncio.run(_accept(spool, [_env(0), _env(1)]))
+    spool.settle()
+    assert spool.number == 2
+    assert made[2:] == ["spool-spare"] and sealed == ["spool-close"]
+    assert [f.number for f in spool_files(url)] == [1, 2, 3]
+    # Closed without a checkpoint: its log was not copied into it, only to be removed.
+    first = spool_file(url, 0, 1)
+    assert first is not None
+    wal = first.with_name(first.name + "-wal")
+    assert b"<m.0@example.org>" in wal.read_bytes()
+    assert b"<m.0@example.org>" not in first.read_bytes()
+    with _mover(url) as mover:
+        assert mover.move() == 2
+        mover.move()
+    assert [f.number for f in spool_files(url)] == [2, 3]  # 1 was sealed, so it could go
     spool.close()

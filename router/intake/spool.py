@@ -10,8 +10,9 @@ commit and the same durability (WAL, ``synchronous=FULL``), and no lock shared w
 A pipeline worker moves what was spooled into ``inbound`` (`SpoolMover`): one transaction
 inserts the rows and advances that file's ``spool_cursor`` row, so a crash at any instant
 moves each message exactly once. Nothing is ever deleted from a spool: after `ROTATE_ROWS`
-messages (or `ROTATE_BYTES`) intake starts file ``n + 1`` and seals file ``n`` (its last
-write there), and a sealed file that has been moved completely is removed whole. Deleting
+messages (or `ROTATE_BYTES`) intake switches to file ``n + 1``, made ahead beside it, and
+seals file ``n`` (its last write there) aside, and a sealed file that has been moved
+completely is removed whole. A restart carries on in the newest file and seals the others. Deleting
 moved rows one by one instead cost more than moving them, and held up intake while it ran.
 A spool file names itself with an id kept inside it, so a file made again under the same
 name starts a new cursor instead of being taken as moved. Spools left by a larger
@@ -144,6 +145,42 @@ def _existing(path: Path) -> Engine:
         uri, uri=True, check_same_thread=False, timeout=10))
 
 
+def _close_without_checkpoint(engine: Engine, path: Path) -> None:
+    """Close intake's connection to a spool file and leave its WAL as it is.
+
+    The last connection to close a WAL database copies the log into the file and syncs it:
+    32 MB for a full spool, a third of a second of writes that stalled the commits of the
+    file intake writes to next, and wasted, as the file is removed whole once moved. A
+    read-only connection held open meanwhile makes intake's not the last, and one opened
+    read-only cannot take the lock a checkpoint needs when it closes in turn. Readers
+    (the mover) and a later writer read the log as before."""
+    try:
+        keep = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        engine.dispose()  # gone or unreadable: nothing to keep, the checkpoint may run
+        return
+    try:
+        with contextlib.suppress(sqlite3.Error):
+            keep.execute("PRAGMA schema_version").fetchall()  # holds the file open
+        engine.dispose()
+    finally:
+        keep.close()
+
+
+# A spool file ready to take mail: number, path, id, engine.
+_Spare = tuple[int, Path, str, Engine]
+
+
+def _prepare(url: str, index: int, number: int) -> _Spare:
+    path = spool_file(url, index, number)
+    assert path is not None
+    spool_id = _create(path)
+    engine = intake_engine(f"sqlite:///{path}")
+    with engine.connect():
+        pass  # a connection opened and set up, waiting in the pool for the first commit
+    return number, path, spool_id, engine
+
+
 class Spool:
     """The intake side: the file intake process `index` commits into now (`write`), and
     the start of the next one when it is full."""
@@ -152,6 +189,7 @@ class Spool:
         self.url = url
         self.index = index
         self._log = log.get("router.intake.spool")
+        self._retiring: threading.Thread | None = None
         mine = [f for f in spool_files(url) if f.index == index]
         # Carry on in the newest file. The older ones get no more mail: say so in them (a
         # predecessor may have died between starting a file and sealing the one before).
@@ -166,13 +204,32 @@ class Spool:
         return cls(url, index) if sqlite_file(url) is not None else None
 
     def _open(self, number: int) -> None:
-        path = spool_file(self.url, self.index, number)
-        assert path is not None
-        spool_id = _create(path)
-        self.number, self.path, self.id = number, path, spool_id
-        self.engine: Engine = intake_engine(f"sqlite:///{path}")
+        self._use(_prepare(self.url, self.index, number))
+
+    def _use(self, spare: _Spare) -> None:
+        self.number, self.path, self.id, self.engine = spare
         self.rows_written = 0
         self.bytes_written = 0
+        # The next file is made now, beside intake: making one (three commits, each an
+        # fsync) held every sender waiting on this process for 20-100 ms at each rotation.
+        self._spare: _Spare | Exception | None = None
+        self._spare_thread = threading.Thread(target=self._make_spare, args=(self.number + 1,),
+                                              name="spool-spare", daemon=True)
+        self._spare_thread.start()
+
+    def _make_spare(self, number: int) -> None:
+        try:
+            self._spare = _prepare(self.url, self.index, number)
+        except Exception as exc:
+            self._spare = exc
+
+    def _next(self) -> _Spare:
+        """The next file: the one made beside intake, or made now if that failed."""
+        self._spare_thread.join()
+        spare, self._spare = self._spare, None
+        if isinstance(spare, tuple):
+            return spare
+        return _prepare(self.url, self.index, self.number + 1)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Commit `rows` (inbound rows; the spool keeps its columns of them) or raise
@@ -183,22 +240,27 @@ class Spool:
         if self.rows_written >= ROTATE_ROWS or self.bytes_written >= ROTATE_BYTES:
             old, old_path = self.engine, self.path
             try:
-                self._open(self.number + 1)
+                spare = self._next()
             except Exception as exc:
                 # These rows are committed and will get their 250; the next file is tried
                 # again after the next commit, this one takes the mail meanwhile.
                 self._log.warning("spool_rotate_failed", spool=str(self.path),
                                   error=f"{type(exc).__name__}: {exc}")
                 return
-            # Only a sealed file may be removed once moved: the seal is the last write to it.
-            try:
-                write_rows(old, _SEAL, [{}])
-            except Exception as exc:  # it stays on disk, moved, until the next start
-                self._log.warning("spool_seal_failed", spool=str(old_path),
-                                  error=f"{type(exc).__name__}: {exc}")
-            # Closing the last connection checkpoints the WAL into the file, which takes a
-            # while for a full one: not on the way to the next 250.
-            threading.Thread(target=old.dispose, name="spool-close", daemon=True).start()
+            self._use(spare)
+            # Sealing the old file (its last write) and closing it (which checkpoints its
+            # WAL) are not on the way to the next 250; nothing else writes to it now.
+            self._retiring = threading.Thread(target=self._retire, args=(old, old_path),
+                                              name="spool-close", daemon=True)
+            self._retiring.start()
+
+    def _retire(self, engine: Engine, path: Path) -> None:
+        try:
+            write_rows(engine, _SEAL, [{}])
+        except Exception as exc:  # it stays on disk, moved, until the next start seals it
+            self._log.warning("spool_seal_failed", spool=str(path),
+                              error=f"{type(exc).__name__}: {exc}")
+        _close_without_checkpoint(engine, path)
 
     def _seal(self, path: Path) -> None:
         engine = make_engine(f"sqlite:///{path}")
@@ -211,8 +273,17 @@ class Spool:
         finally:
             engine.dispose()
 
+    def settle(self) -> None:
+        """Wait until the next file is made and the last full one sealed and closed."""
+        self._spare_thread.join()
+        if self._retiring is not None:
+            self._retiring.join()
+
     def close(self) -> None:
-        self.engine.dispose()
+        self.settle()
+        _close_without_checkpoint(self.engine, self.path)
+        if isinstance(self._spare, tuple):
+            self._spare[3].dispose()
 
 
 _INSERT = insert(T_SPOOLED)
