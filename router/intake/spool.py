@@ -271,7 +271,7 @@ class Spool:
             self._log.warning("spool_seal_failed", spool=str(path),
                               error=f"{type(exc).__name__}: {exc}")
         finally:
-            engine.dispose()
+            _close_without_checkpoint(engine, path)  # a restart does not wait for it either
 
     def settle(self) -> None:
         """Wait until the next file is made and the last full one sealed and closed."""
