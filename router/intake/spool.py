@@ -12,8 +12,8 @@ inserts the rows and advances that file's ``spool_cursor`` row, so a crash at an
 moves each message exactly once. Nothing is ever deleted from a spool: after `ROTATE_ROWS`
 messages (or `ROTATE_BYTES`) intake switches to file ``n + 1``, made ahead beside it, and
 seals file ``n`` (its last write there) aside, and a sealed file that has been moved
-completely is removed whole. A restart carries on in the newest file and seals the others. Deleting
-moved rows one by one instead cost more than moving them, and held up intake while it ran.
+completely is removed whole. A restart carries on in the newest file and seals the others.
+Deleting moved rows one by one instead cost more than moving them, and held up intake.
 A spool file names itself with an id kept inside it, so a file made again under the same
 name starts a new cursor instead of being taken as moved. Spools left by a larger
 ``[smtp] processes`` are found by name and drained.
@@ -189,7 +189,7 @@ class Spool:
         self.url = url
         self.index = index
         self._log = log.get("router.intake.spool")
-        self._retiring: threading.Thread | None = None
+        self._retiring: list[threading.Thread] = []
         mine = [f for f in spool_files(url) if f.index == index]
         # Carry on in the newest file. The older ones get no more mail: say so in them (a
         # predecessor may have died between starting a file and sealing the one before).
@@ -248,11 +248,12 @@ class Spool:
                                   error=f"{type(exc).__name__}: {exc}")
                 return
             self._use(spare)
-            # Sealing the old file (its last write) and closing it (which checkpoints its
-            # WAL) are not on the way to the next 250; nothing else writes to it now.
-            self._retiring = threading.Thread(target=self._retire, args=(old, old_path),
-                                              name="spool-close", daemon=True)
-            self._retiring.start()
+            # Sealing the old file (its last write) and closing it are not on the way to the
+            # next 250; nothing else writes to it now.
+            retire = threading.Thread(target=self._retire, args=(old, old_path),
+                                      name="spool-close", daemon=True)
+            self._retiring = [t for t in self._retiring if t.is_alive()] + [retire]
+            retire.start()
 
     def _retire(self, engine: Engine, path: Path) -> None:
         try:
@@ -276,8 +277,8 @@ class Spool:
     def settle(self) -> None:
         """Wait until the next file is made and the last full one sealed and closed."""
         self._spare_thread.join()
-        if self._retiring is not None:
-            self._retiring.join()
+        for retire in self._retiring:
+            retire.join()
 
     def close(self) -> None:
         self.settle()
