@@ -138,11 +138,15 @@ def _create(path: Path) -> str:
 def _existing(path: Path) -> Engine:
     """An engine for reading a spool file, which connecting never creates: it may have been
     removed since it was listed."""
-    # Read-only, too: a reader never checkpoints, so the last one to close does not copy
-    # the file's whole WAL into it just before it is removed.
-    uri = f"file:{quote(str(path))}?mode=ro"
-    return create_engine("sqlite://", poolclass=QueuePool, creator=lambda: sqlite3.connect(
-        uri, uri=True, check_same_thread=False, timeout=10))
+    return create_engine("sqlite://", poolclass=QueuePool, creator=lambda: _read_only(path))
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that only reads the spool file at `path`, and never creates it. It never
+    checkpoints either, so the last one to close does not copy the file's whole WAL into it
+    just before it is removed."""
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True,
+                           check_same_thread=False, timeout=10)
 
 
 def _close_without_checkpoint(engine: Engine, path: Path) -> None:
@@ -155,7 +159,7 @@ def _close_without_checkpoint(engine: Engine, path: Path) -> None:
     read-only cannot take the lock a checkpoint needs when it closes in turn. Readers
     (the mover) and a later writer read the log as before."""
     try:
-        keep = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
+        keep = _read_only(path)
     except sqlite3.Error:
         engine.dispose()  # gone or unreadable: nothing to keep, the checkpoint may run
         return
@@ -194,7 +198,7 @@ class Spool:
         # Carry on in the newest file. The older ones get no more mail: say so in them (a
         # predecessor may have died between starting a file and sealing the one before).
         for f in mine[:-1]:
-            self._seal(f.path)
+            self._seal(make_engine(f"sqlite:///{f.path}"), f.path)
         self._open(mine[-1].number if mine else 1)
 
     @classmethod
@@ -250,29 +254,20 @@ class Spool:
             self._use(spare)
             # Sealing the old file (its last write) and closing it are not on the way to the
             # next 250; nothing else writes to it now.
-            retire = threading.Thread(target=self._retire, args=(old, old_path),
+            retire = threading.Thread(target=self._seal, args=(old, old_path),
                                       name="spool-close", daemon=True)
             self._retiring = [t for t in self._retiring if t.is_alive()] + [retire]
             retire.start()
 
-    def _retire(self, engine: Engine, path: Path) -> None:
+    def _seal(self, engine: Engine, path: Path) -> None:
+        """Write a file's seal, its last write, and close it (at a rotation, beside intake;
+        at a start, for the files a predecessor left)."""
         try:
             write_rows(engine, _SEAL, [{}])
-        except Exception as exc:  # it stays on disk, moved, until the next start seals it
+        except Exception as exc:  # unsealed until the next start; the mover reports damage
             self._log.warning("spool_seal_failed", spool=str(path),
                               error=f"{type(exc).__name__}: {exc}")
         _close_without_checkpoint(engine, path)
-
-    def _seal(self, path: Path) -> None:
-        engine = make_engine(f"sqlite:///{path}")
-        try:
-            with engine.begin() as conn:
-                conn.execute(_SEAL)
-        except Exception as exc:  # a damaged leftover: the mover reports it
-            self._log.warning("spool_seal_failed", spool=str(path),
-                              error=f"{type(exc).__name__}: {exc}")
-        finally:
-            _close_without_checkpoint(engine, path)  # a restart does not wait for it either
 
     def settle(self) -> None:
         """Wait until the next file is made and the last full one sealed and closed."""
