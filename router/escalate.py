@@ -63,7 +63,7 @@ from zoneinfo import ZoneInfo
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
-from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, insert, inspect, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -454,6 +454,14 @@ class _Batch:
             _BATCH_WORDS, {"tickets": list(self.clocks)})}
 
 
+def _due(now: datetime, seen: set[int]) -> list[ColumnElement[bool]]:
+    """What a tick fires: tickets due by `now`, other than those it handled already."""
+    due = [T_TICKET.c.next_due_at <= now]
+    if seen:
+        due.append(T_TICKET.c.id.not_in(seen))
+    return due
+
+
 class EscalationScheduler:
     """Fires due ladder steps. Safe to run in several processes against one database.
 
@@ -641,19 +649,15 @@ class EscalationScheduler:
         """A ticket due by `now`, other than those `seen`: read without the write lock,
         which `_tick_batch_once` then takes to fire them (and finds them again, or not, if
         another scheduler got there first)."""
-        q = select(T_TICKET.c.id).where(T_TICKET.c.next_due_at <= now)
-        if seen:
-            q = q.where(T_TICKET.c.id.not_in(seen))
+        q = select(T_TICKET.c.id).where(*_due(now, seen)).limit(1)
         with self.engine.connect() as conn:
-            return conn.execute(q.limit(1)).first() is not None
+            return conn.execute(q).first() is not None
 
     def _tick_batch_once(self, settings: Settings, now: datetime, fired: list[_Fired],
                          seen: set[int], batch_seen: set[int]) -> int:
         with Session(self._tick_engine, expire_on_commit=False) as session:
-            q = (select(Ticket).where(col(Ticket.next_due_at) <= now)
+            q = (select(Ticket).where(*_due(now, seen))
                  .order_by(col(Ticket.next_due_at), col(Ticket.id)).limit(self.batch))
-            if seen:
-                q = q.where(col(Ticket.id).not_in(seen))
             if self.postgres:
                 q = q.with_for_update(skip_locked=True)
             tickets = session.exec(q).all()
