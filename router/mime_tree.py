@@ -89,10 +89,10 @@ def _part(text: str, policy: Policy, depth: int, parent: Message | None) -> Mess
         raise _Declined
     if parent is not None:
         parent.attach(msg)
-    if msg.get_content_maintype() == "message" or (
-            msg.get_content_type() == "multipart/digest"):
+    maintype = msg.get_content_maintype()
+    if maintype == "message" or msg.get_content_type() == "multipart/digest":
         raise _Declined  # nested messages, and digests' default part type: stdlib
-    if msg.get_content_maintype() == "multipart":
+    if maintype == "multipart":
         msg.set_payload(None)  # the headers-only parse left "", and parts are attached
         _multipart(msg, text[cut:], policy, depth)
     else:
@@ -126,8 +126,7 @@ def _multipart(msg: Message, body: str, policy: Policy, depth: int) -> None:
     found = _boundaries(body, boundary)
     if not found or found[0].group(1):
         raise _Declined  # no opening boundary
-    closing = next((i for i, m in enumerate(found) if m.group(1)), None)
-    if closing is None or closing + 1 < len(found):
+    if not found[-1].group(1) or any(m.group(1) for m in found[:-1]):
         # No closing boundary, or boundary lines after it: the stdlib reads the latter
         # as epilogue after consuming them as parts' ends in ways not reproduced here.
         raise _Declined
@@ -146,4 +145,4 @@ def _multipart(msg: Message, body: str, policy: Policy, depth: int) -> None:
         else:
             child.set_payload(_strip_eol(child.get_payload()))
     # After the closing line, the rest is epilogue as it stands ("" if nothing).
-    msg.epilogue = body[found[closing].end():]
+    msg.epilogue = body[found[-1].end():]
