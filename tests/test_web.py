@@ -472,11 +472,16 @@ def _sqlite_work(engine: Any) -> Iterator[list[int]]:
     def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         dbapi_conn.set_progress_handler(tick, 1000)
 
+    def on_checkin(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.set_progress_handler(None, 0)  # pooled connections count no more
+
     event.listen(engine, "checkout", on_checkout)
+    event.listen(engine, "checkin", on_checkin)
     try:
         yield steps
     finally:
         event.remove(engine, "checkout", on_checkout)
+        event.remove(engine, "checkin", on_checkin)
 
 
 def test_queue_pages_stay_fast_at_100k_tickets(web: Console) -> None:
