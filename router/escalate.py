@@ -50,7 +50,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.headerregistry import Address
@@ -181,7 +181,7 @@ def fired_keys(session: Session, ticket_id: int) -> FiredKeys:
     return {(c, n, s) for c, n, s in rows}
 
 
-def plan(clocks: dict[str, SlaClock], team: Team, fired: FiredKeys) -> list[Planned]:
+def plan(clocks: Mapping[str, sla.ClockState], team: Team, fired: FiredKeys) -> list[Planned]:
     """Every unfired step of the team's running clocks, earliest first."""
     meter = sla.meter_for(team)
     out: list[Planned] = []
@@ -204,10 +204,9 @@ def plan(clocks: dict[str, SlaClock], team: Team, fired: FiredKeys) -> list[Plan
 
 def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
                clocks: dict[str, SlaClock] | None = None,
-               fired: FiredKeys | None = None, current: bool = False) -> datetime | None:
+               fired: FiredKeys | None = None) -> datetime | None:
     """Recompute the clocks' deadlines and `ticket.next_due_at`, in the caller's session.
-    `clocks` and `fired`, when the caller has them current, save two queries; `current`:
-    the clocks' deadlines are too (just started: `sla.start_ticket` computed them)."""
+    `clocks` and `fired`, when the caller has them current, save two queries."""
     assert ticket.id is not None
     team = settings.team_by_name(ticket.team)
     if clocks is None:
@@ -216,7 +215,7 @@ def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
         # The team left the config: nothing to count against; show it, don't escalate it.
         ticket.next_due_at = None
     else:
-        for c in clocks.values() if not current else ():
+        for c in clocks.values():
             deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
             # Assigning an equal value would still make the flush inspect the clock.
             if deadline != c.deadline_at:
@@ -239,24 +238,64 @@ def _lock(session: Session, ticket_id: int) -> None:
         session.execute(select(Ticket.id).where(Ticket.id == ticket_id).with_for_update())
 
 
-def sla_hook(conn: Connection, handled: Handled) -> None:
+@dataclass(frozen=True)
+class Opening:
+    """A new ticket's SLA clocks and its first escalation due time. They depend only on the
+    team, the arrival time and whether the clocks run, so the pipeline works them out
+    before its write transaction (`SlaHook.ahead`)."""
+
+    team: Team
+    at: datetime
+    running: bool
+    clocks: list[sla.FreshClock]
+    next_due_at: datetime | None
+
+
+def opening(team: Team, at: datetime, *, running: bool) -> Opening:
+    clocks = sla.opening(team, at, running=running)
+    # Opened now: no step fired yet.
+    pending = plan({c.clock: c for c in clocks}, team, set())
+    return Opening(team, at, running, clocks, pending[0].due_at if pending else None)
+
+
+class SlaHook:
     """`router.pipeline.Hook`: start or update the SLA clocks of the ticket just routed, and
     its next escalation due time, in the routing transaction."""
-    settings = handled.settings
-    session = handled.session()
-    ticket = handled.get(Ticket, handled.ticket_id)
-    team = settings.team_by_name(ticket.team) if ticket is not None else None
-    if ticket is None or team is None:
-        return
-    if handled.new_ticket:
-        # Opened in this transaction: no clocks yet, no step fired yet.
-        clocks = sla.start_ticket(session, ticket, team, handled.now, have={})
-        reschedule(session, ticket, settings, clocks=clocks, fired=set(), current=True)
-    elif handled.customer.email in our_addresses(settings):
-        return  # staff writing on the thread (e.g. answering a notification): no clock
-    else:
-        clocks = sla.customer_reply(session, ticket, team, handled.now)
-        reschedule(session, ticket, settings, clocks=clocks)
+
+    def ahead(self, settings: Settings, inbound: Any, decision: Any) -> Opening | None:
+        """For a message about to open a ticket, before the write lock: its `Opening`. A
+        ticket opens `new`, and its clocks run."""
+        team = settings.team_by_name(decision.team)
+        return opening(team, inbound.received_at, running=True) if team is not None else None
+
+    def __call__(self, conn: Connection, handled: Handled) -> None:
+        settings = handled.settings
+        session = handled.session()
+        ticket = handled.get(Ticket, handled.ticket_id)
+        team = settings.team_by_name(ticket.team) if ticket is not None else None
+        if ticket is None or team is None:
+            return
+        assert ticket.id is not None
+        if handled.new_ticket:
+            running = ticket.status in sla.RUNNING_STATUSES
+            early = handled.early.get(self)
+            # Worked out for the decision prepared early: the same team object (the same
+            # config), arrival and state, or again now.
+            if not (isinstance(early, Opening) and early.team is team
+                    and early.at == handled.now and early.running == running):
+                early = opening(team, handled.now, running=running)
+            # Opened in this transaction: nothing else here changes its clocks, so they
+            # need no place in the ORM session.
+            sla.insert_fresh(conn, ticket.id, early.clocks)
+            ticket.next_due_at = early.next_due_at
+        elif handled.customer.email in our_addresses(settings):
+            return  # staff writing on the thread (e.g. answering a notification): no clock
+        else:
+            clocks = sla.customer_reply(session, ticket, team, handled.now)
+            reschedule(session, ticket, settings, clocks=clocks)
+
+
+sla_hook = SlaHook()
 
 
 def on_agent_reply(session: Session, ticket: Ticket, now: datetime, *,

@@ -30,7 +30,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, select, update
 from sqlmodel import Session
@@ -92,6 +92,8 @@ class Handled:
     conn: Connection | None = None
     # The team backlogs this transaction counted (for the ack's promise), while valid.
     backlogs: Backlogs | None = None
+    # What hooks worked out before the write lock (`AheadHook`), by hook.
+    early: dict[Any, Any] = field(default_factory=dict)
     _session: Session | None = None
     _rows: dict[tuple[type, int], Any] = field(default_factory=dict)
     _detached: list[Any] = field(default_factory=list)
@@ -277,10 +279,21 @@ class Prepared:
     customer: CustomerFacts | None = None
     # Found before the lock, it still holds: tickets and their thread keys are never deleted.
     match: ThreadMatch | None = None
+    early: dict[Any, Any] = field(default_factory=dict)  # `AheadHook.ahead`'s, by hook
 
 
 class Hook(Protocol):
     def __call__(self, conn: Connection, handled: Handled) -> None: ...
+
+
+@runtime_checkable
+class AheadHook(Hook, Protocol):
+    """A hook with work that can be done before the write lock for a message that is about
+    to open a ticket: what `ahead` returns reaches the hook as `handled.early[hook]`. It
+    rests on the routing decision prepared early, which the write phase may take again:
+    the hook checks that it still holds."""
+
+    def ahead(self, settings: Settings, inbound: Any, decision: Decision) -> Any: ...
 
 
 class Pipeline:
@@ -317,6 +330,7 @@ class Pipeline:
         self.mover = SpoolMover(url, self.read_engine, self.write_engine,
                                 clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
+        self.ahead = [h for h in self.hooks if isinstance(h, AheadHook)]
         self.wake = threading.Event()
         self._log = log.get("router.pipeline")
         self.processed = 0
@@ -549,6 +563,15 @@ class Pipeline:
         except Exception as exc:
             # Raised again only if the message does open a ticket (it may yet thread).
             out.decision = exc
+            return out
+        if out.decision.spam is None:
+            for hook in self.ahead:
+                try:
+                    out.early[hook] = hook.ahead(settings, inbound, out.decision)
+                except Exception:
+                    # The hook works it out again in the write phase, where raising parks
+                    # the message with its traceback.
+                    continue
         return out
 
     def _classify(self, conn: Connection, parsed: ParsedMail, inbound: Any,
@@ -646,6 +669,7 @@ class Pipeline:
         sender = sender_of(parsed, inbound)
         customer = customer_for(conn, sender, parsed.sender_name, at)
         version = settings.digest[:16] or None
+        ahead: dict[Any, Any] = {}  # what hooks worked out early for `decision`
         if match is not None:
             written = thread_onto(conn, match, parsed=parsed, inbound=inbound,
                                   config_version=version, now=at)
@@ -659,6 +683,7 @@ class Pipeline:
                 if isinstance(early, BaseException):
                     raise early
                 decision = early
+                ahead = prepared.early
             else:
                 # Nothing prepared, or the customer record changed since: decide now.
                 decision = self._classify(conn, parsed, inbound, settings, facts)
@@ -686,7 +711,7 @@ class Pipeline:
         fastsql.execute(conn, _INBOUND_DONE,
                         {"iid": inbound.id, "tid": ticket_id, "at": self.clock()})
         handled = Handled(inbound, parsed, ticket_id, written.article_id, customer, new,
-                          settings, at, decision if new else None, conn, backlogs)
+                          settings, at, decision if new else None, conn, backlogs, ahead)
         handled.know(Ticket, written.ticket)
         handled.know(Article, written.article)
         handled.know(Customer, customer.row)

@@ -33,11 +33,11 @@ recomputes the ticket's next escalation due time afterwards (`router.escalate.re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, insert
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import Connection, bindparam, insert
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
@@ -109,7 +109,29 @@ def target_seconds(team: Team, clock: str) -> float:
 # ---------------------------------------------------------------------------- one clock
 
 
-def is_running(c: SlaClock) -> bool:
+@dataclass(frozen=True)
+class FreshClock:
+    """A clock as it starts, before it has a row: plain values, which cost a fraction of an
+    ORM object to make, and can be worked out before the ticket's transaction."""
+
+    clock: str
+    cycle: int
+    started_at: datetime
+    running_since: datetime | None
+    deadline_at: datetime | None = None
+    elapsed: float = 0.0
+    stopped_at: datetime | None = None
+    breached: bool = False
+
+    def row(self, ticket_id: int) -> dict[str, Any]:
+        return {"ticket_id": ticket_id, **vars(self)}  # the fields are the table's columns
+
+
+# What planning reads of a clock: its row, or one about to be written.
+ClockState = SlaClock | FreshClock
+
+
+def is_running(c: ClockState) -> bool:
     return c.running_since is not None and c.stopped_at is None
 
 
@@ -120,7 +142,7 @@ def elapsed(c: SlaClock, meter: Meter, now: datetime) -> float:
     return c.elapsed + meter.span(c.running_since, now)
 
 
-def due_at(c: SlaClock, meter: Meter, offset: float) -> datetime | None:
+def due_at(c: ClockState, meter: Meter, offset: float) -> datetime | None:
     """When the running clock reaches `offset` seconds of clock time; None unless running.
     An offset already passed is due at once (`running_since`)."""
     if c.running_since is None or c.stopped_at is not None:
@@ -182,21 +204,34 @@ def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
     return out
 
 
+def fresh(clock: str, team: Team, now: datetime, cycle: int = 0, *,
+          running: bool = True) -> FreshClock:
+    """A new clock, running from `now` or paused."""
+    c = FreshClock(clock, cycle, now, now if running else None)
+    return replace(c, deadline_at=due_at(c, meter_for(team), target_seconds(team, clock)))
+
+
+def opening(team: Team, now: datetime, *, running: bool) -> list[FreshClock]:
+    """A new ticket's clocks: first_response and resolution, from its arrival `now`."""
+    return [fresh(name, team, now, running=running) for name in (FIRST_RESPONSE, RESOLUTION)]
+
+
+def insert_fresh(conn: Connection, ticket_id: int, new: list[FreshClock]) -> None:
+    """Write new clocks in one statement, without putting them in an ORM session: for a
+    ticket nothing else in the transaction changes the clocks of (one just opened)."""
+    if new:
+        fastsql.execute(conn, _INS_CLOCK, [c.row(ticket_id) for c in new])
+
+
 def _new(ticket_id: int, clock: str, team: Team, now: datetime, cycle: int = 0, *,
          running: bool = True) -> SlaClock:
-    """A new clock, running from `now` or paused; `_write` stores it."""
-    c = loaded(SlaClock, {"ticket_id": ticket_id, "clock": clock, "cycle": cycle,
-                          "started_at": now, "running_since": now if running else None,
-                          "elapsed": 0.0, "deadline_at": None, "stopped_at": None,
-                          "breached": False})
-    set_committed_value(c, "deadline_at", due_at(c, meter_for(team),
-                                                 target_seconds(team, clock)))
-    return c
+    """A new clock, as an object `_write` stores."""
+    return loaded(SlaClock, fresh(clock, team, now, cycle, running=running).row(ticket_id))
 
 
 def _write(session: Session, new: list[SlaClock]) -> None:
-    """Insert new clocks with Core, in one statement (every new ticket makes two: the unit
-    of work costs more than the rows), and put them in `session` for later changes."""
+    """Insert new clocks with Core, in one statement (the unit of work costs more than the
+    rows), and put them in `session` for later changes."""
     if new:
         fastsql.execute(session.connection(), _INS_CLOCK,
                         [{k: c.__dict__[k] for k in _CLOCK_COLUMNS} for c in new])
@@ -216,13 +251,15 @@ def _restart(c: SlaClock, team: Team, now: datetime) -> None:
 
 def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
                  have: dict[str, SlaClock] | None = None) -> dict[str, SlaClock]:
-    """A new ticket: first_response and resolution start at `now` (its arrival). `have`:
-    its clocks, when the caller knows them (a ticket the pipeline just opened has none).
-    Returns the ticket's clocks."""
+    """Start a ticket's first_response and resolution clocks at `now`, those it does not
+    have (`have`: its clocks, when the caller knows them). Returns the ticket's clocks. The
+    pipeline starts a new ticket's with `opening` instead, worked out before its
+    transaction."""
     assert ticket.id is not None
     have = dict(clocks(session, ticket.id) if have is None else have)
-    new = [_new(ticket.id, name, team, now, running=ticket.status in RUNNING_STATUSES)
-           for name in (FIRST_RESPONSE, RESOLUTION) if name not in have]
+    new = [loaded(SlaClock, c.row(ticket.id))
+           for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
+           if c.clock not in have]
     _write(session, new)
     have.update((c.clock, c) for c in new)
     return have

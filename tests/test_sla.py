@@ -15,10 +15,18 @@ from sqlmodel import Session, col, select
 from router import settings as config
 from router.clock import FakeClock
 from router.db import session_scope
-from router.escalate import EscalationScheduler, on_agent_reply, on_status_change, sla_hook
+from router.escalate import (
+    EscalationScheduler,
+    Opening,
+    SlaHook,
+    on_agent_reply,
+    on_status_change,
+    opening,
+    sla_hook,
+)
 from router.intake.accept import Envelope, accept_sync
 from router.models import Inbound, SlaClock, Ticket, TicketStatus
-from router.pipeline import Pipeline
+from router.pipeline import Handled, Pipeline
 from router.sla import overdue_ticket_ids
 from tests.daemon import Store, make_mail, open_store
 
@@ -336,6 +344,87 @@ def test_around_the_clock_team_counts_nights(tmp_path: Path) -> None:
         tid = d.mail(to="oops@acme.test")           # ops: 15m, business_hours = false
         assert d.clocks(tid)["first_response"].deadline_at == saturday_night + timedelta(
             minutes=15)
+
+
+# ---------------------------------------------------------------------------- worked out early
+
+
+class _Seen:
+    """A hook after `sla_hook` that keeps what the pipeline handed it early, per ticket."""
+
+    def __init__(self) -> None:
+        self.early: dict[int, object] = {}
+
+    def __call__(self, conn: object, handled: Handled) -> None:
+        self.early[handled.ticket_id] = handled.early.get(sla_hook)
+
+
+def _expect_office(d: Desk, tid: int, arrived: datetime) -> None:
+    """The office team's clocks for a mail that arrived Friday at closing time."""
+    assert arrived == FRIDAY_1800_BERLIN
+    clocks = d.clocks(tid)
+    assert set(clocks) == {"first_response", "resolution"}
+    assert clocks["first_response"].deadline_at == MONDAY_0900_BERLIN + timedelta(hours=2)
+    # "2d" is 48 hours of open time, 9 a day: five days and three hours.
+    assert clocks["resolution"].deadline_at == MONDAY_0900_BERLIN + timedelta(days=7, hours=3)
+    assert all(c.running_since == arrived and c.started_at == arrived
+               for c in clocks.values())
+    assert d.ticket(tid).next_due_at == MONDAY_0900_BERLIN + timedelta(minutes=15)
+
+
+def test_new_ticket_clocks_are_worked_out_before_the_write_lock(tmp_path: Path) -> None:
+    """The pipeline hands `sla_hook` the clocks it worked out while preparing; a decision
+    taken again in the write phase (here: the customer's language, learnt from the first
+    mail, changed the facts the second one was prepared on) gets none, and its clocks are
+    worked out there, with the same result."""
+    with open_desk(tmp_path / "etc", FRIDAY_1800_BERLIN) as d:
+        seen = _Seen()
+        d.pipeline = Pipeline(d.store.url, lambda: d.store.settings, hooks=[sla_hook, seen])
+        try:
+            for n in range(2):
+                raw = make_mail(subject=f"Printer {n}", to="office@acme.test",
+                                body="Our printer is on fire again, please help us.\n")
+                accept_sync(d.store.engine, Envelope("smtp", "ann@example.org",
+                                                     ["office@acme.test"], raw,
+                                                     received_at=d.clock()))
+            d.pipeline.drain()
+        finally:
+            d.pipeline.close()
+        first, second = sorted(seen.early)
+        assert isinstance(seen.early[first], Opening)
+        assert seen.early[second] is None
+        for tid in (first, second):
+            _expect_office(d, tid, FRIDAY_1800_BERLIN)
+
+
+class _Stale(SlaHook):
+    """`sla_hook` whose early work is for the wrong team or the wrong time, or fails."""
+
+    def __init__(self, wrong: str) -> None:
+        self.wrong = wrong
+
+    def ahead(self, settings: config.Settings, inbound: object, decision: object) -> Opening:
+        if self.wrong == "raises":
+            raise RuntimeError("worked out early, and failed")
+        if self.wrong == "team":
+            team = settings.team_by_name("desk")
+            assert team is not None
+            return opening(team, FRIDAY_1800_BERLIN, running=True)
+        team = settings.team_by_name("office")
+        assert team is not None
+        return opening(team, FRIDAY_1800_BERLIN - timedelta(hours=3), running=True)
+
+
+@pytest.mark.parametrize("wrong", ["team", "time", "raises"])
+def test_early_clocks_that_do_not_fit_the_ticket_are_worked_out_again(
+        tmp_path: Path, wrong: str) -> None:
+    with open_desk(tmp_path / "etc", FRIDAY_1800_BERLIN) as d:
+        d.pipeline = Pipeline(d.store.url, lambda: d.store.settings, hooks=[_Stale(wrong)])
+        try:
+            tid = d.mail(to="office@acme.test")
+        finally:
+            d.pipeline.close()
+        _expect_office(d, tid, FRIDAY_1800_BERLIN)
 
 
 # ---------------------------------------------------------------------------- overdue
