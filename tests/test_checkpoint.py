@@ -131,14 +131,17 @@ def test_the_pipeline_keeps_its_log_bounded(tmp_path: Path) -> None:
         try:
             reader.execute("BEGIN")
             reader.execute("SELECT count(*) FROM ticket").fetchone()
+            # The checkpointer may have emptied the log of the accepted mail already.
+            before = pipeline.checkpointer.truncations
             assert pipeline.drain() == 20
             assert _wal_size(db) > 3_000_000
-            assert pipeline.checkpointer.truncations == 0
+            assert pipeline.checkpointer.truncations == before
             reader.execute("ROLLBACK")
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not pipeline.checkpointer.truncations:
+            while (time.monotonic() < deadline
+                   and pipeline.checkpointer.truncations == before):
                 time.sleep(0.05)
-            assert pipeline.checkpointer.truncations > 0
+            assert pipeline.checkpointer.truncations > before
             assert _wal_size(db) == 0
             assert reader.execute("SELECT count(*) FROM ticket").fetchone() == (20,)
         finally:
