@@ -35,7 +35,7 @@ from router import settings as config  # noqa: E402
 from router.clock import system_clock  # noqa: E402
 from router.db import upgrade  # noqa: E402
 from router.hooks import default_hooks  # noqa: E402
-from router.intake.accept import Envelope, insert_statement, intake_engine, write_rows  # noqa: E402
+from router.intake.accept import Envelope, InboundInsert, intake_engine, write_rows  # noqa: E402
 from router.intake.accept import _row as inbound_row  # noqa: E402
 from router.pipeline import Pipeline  # noqa: E402
 
@@ -60,7 +60,7 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
             _empty(url)
         upgrade(url)
         engine = intake_engine(url)
-        stmt = insert_statement(engine)
+        stmt = InboundInsert(engine)
         now = system_clock()
         rows = [inbound_row(Envelope("smtp", s, [r], raw), now)
                 for s, r, raw in make_messages(n, seed)]

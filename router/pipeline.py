@@ -47,6 +47,7 @@ from router.models import (
     T_CUSTOMER,
     T_EVENT,
     T_INBOUND,
+    T_INBOUND_RAW,
     Article,
     Customer,
     InboundStatus,
@@ -226,11 +227,14 @@ _NEXT_NEW_MORE = _NEXT_NEW.where(T_INBOUND.c.id.not_in(bindparam("held", expandi
 _NEW_WAITING = select(func.count()).select_from(
     select(T_INBOUND.c.id).where(T_INBOUND.c.status == InboundStatus.NEW)
     .limit(bindparam("cap")).subquery())
-_BATCH = select(*T_INBOUND.c).where(
-    T_INBOUND.c.id.in_(bindparam("ids", expanding=True))).order_by(*_ARRIVAL)
-# On PostgreSQL, the batch's messages still new, without their raw bytes (parsed already),
-# locked, and those another instance holds skipped (on SQLite: `_still_new`).
-_PENDING_LOCKED = (select(*(c for c in T_INBOUND.c if c.name != "raw"))
+# With their bytes: an outer join, so a message whose bytes are missing is parked, not
+# left waiting unseen.
+_BATCH = (select(*T_INBOUND.c, T_INBOUND_RAW.c.raw)
+          .outerjoin(T_INBOUND_RAW, T_INBOUND_RAW.c.inbound_id == T_INBOUND.c.id)
+          .where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True))).order_by(*_ARRIVAL))
+# On PostgreSQL, the batch's messages still new (their bytes parsed already), locked, and
+# those another instance holds skipped (on SQLite: `_still_new`).
+_PENDING_LOCKED = (select(*T_INBOUND.c)
                    .where(T_INBOUND.c.id.in_(bindparam("ids", expanding=True)),
                           T_INBOUND.c.status == InboundStatus.NEW).order_by(*_ARRIVAL)
                    .with_for_update(skip_locked=True))
@@ -544,6 +548,9 @@ class Pipeline:
         write phase checks that what the decision rests on still holds."""
         parsed = self._kept.pop(inbound.id, None)
         if parsed is None:
+            if inbound.raw is None:
+                return Prepared(LookupError(f"inbound {inbound.id}: its bytes are missing "
+                                            "from inbound_raw"))
             try:
                 parsed = parse(inbound.raw)
             except Exception as exc:  # parse() promises not to raise; park if it ever does

@@ -537,16 +537,19 @@ async def test_out_of_office_ping_pong_ends_after_one_ack(
 def test_ack_hook_in_the_pipeline_transaction(engine: Engine, tmp_path: Path,
                                               sqlite_url: str) -> None:
     from router.ack import ack_hook
-    from router.models import Inbound
+    from router.models import Inbound, InboundRaw
     from router.pipeline import Pipeline
 
     settings = load(tmp_path, sqlite_url)
 
     def arrive(raw: bytes, key: str) -> None:
         with session_scope(engine) as s:
-            s.add(Inbound(received_at=MONDAY, channel="smtp", mail_from="ann@example.com",
-                          rcpt_to=["support@acme.test"], raw=raw, size=len(raw),
-                          dedupe_key=key))
+            row = Inbound(received_at=MONDAY, channel="smtp", mail_from="ann@example.com",
+                          rcpt_to=["support@acme.test"], size=len(raw), dedupe_key=key)
+            s.add(row)
+            s.flush()
+            assert row.id is not None
+            s.add(InboundRaw(inbound_id=row.id, raw=raw))
 
     pipeline = Pipeline(sqlite_url, lambda: settings, hooks=[ack_hook])
     try:

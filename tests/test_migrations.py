@@ -21,10 +21,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel, select
 
 import router.models  # registers the tables on SQLModel.metadata
 from router import db
+from router.models import Inbound
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,3 +178,31 @@ def test_one_head() -> None:
     """Two engineers adding revisions in parallel give two heads; merge them."""
     heads = ScriptDirectory.from_config(db.alembic_config("sqlite://")).get_heads()
     assert len(heads) == 1, f"several migration heads: {heads}; run `alembic merge`"
+
+
+def test_0008_moves_each_mails_bytes_apart_and_back(db_url: str, engine: Engine) -> None:
+    """The bytes leave `inbound` for `inbound_raw` unchanged (binary, with NULs and 8-bit
+    bytes), `Inbound.raw` still reads them, and the downgrade puts them back."""
+    cfg = db.alembic_config(db_url)
+    command.upgrade(cfg, "0007")
+    mails = {1: b"Subject: one\r\n\r\nbody\x00\xff\r\n",
+             2: b"Subject: two\r\n\r\n" + bytes(range(256))}
+    with engine.begin() as conn:
+        for i, raw in mails.items():
+            conn.execute(text(
+                "INSERT INTO inbound (id, received_at, channel, mail_from, rcpt_to, raw, size, "
+                "dedupe_key, deliveries, status, attempts) VALUES (:id, '2026-11-23 10:00:00', "
+                "'smtp', '', '[]', :raw, :size, :key, 1, 'new', 0)"),
+                {"id": i, "raw": raw, "size": len(raw), "key": f"k{i}"})
+    command.upgrade(cfg, "0008")
+    assert "raw" not in {c["name"] for c in inspect(engine).get_columns("inbound")}
+    with engine.connect() as conn:
+        moved = dict(conn.execute(text("SELECT inbound_id, raw FROM inbound_raw")).all())
+    assert {k: bytes(v) for k, v in moved.items()} == mails
+    with Session(engine) as s:
+        assert {r.id: r.raw for r in s.exec(select(Inbound))} == mails
+    command.downgrade(cfg, "0007")
+    with engine.connect() as conn:
+        back = dict(conn.execute(text("SELECT id, raw FROM inbound")).all())
+    assert {k: bytes(v) for k, v in back.items()} == mails
+    assert "inbound_raw" not in inspect(engine).get_table_names()

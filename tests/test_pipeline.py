@@ -19,9 +19,11 @@ from sqlmodel import select
 from router import pipeline as pipeline_module
 from router import settings as config
 from router.bounce import is_dsn
+from router.db import make_engine
 from router.intake.accept import Envelope, accept_sync
 from router.mail import dedupe_key, parse
 from router.models import (
+    T_INBOUND_RAW,
     Article,
     Attachment,
     Customer,
@@ -115,11 +117,23 @@ async def test_two_role_addresses_one_ticket_first_to_wins(
     await r.drain()
     [row] = await asyncio.to_thread(inbound_rows, r.url)
     assert row.deliveries == 2 and row.status == InboundStatus.DONE
+    # The bytes are stored once, by the first delivery.
+    assert await asyncio.to_thread(_raw_rows, r.url) == [(row.id, raw)]
     store_like = await asyncio.to_thread(_tickets_and_decisions, r.url)
     tickets, decisions = store_like
     assert [(t.team, t.address) for t in tickets] == [("billing", "billing@acme.test")]
     [d] = decisions
     assert "first address wins" in d.reason and "support" in d.reason
+
+
+def _raw_rows(url: str) -> list[tuple[int, bytes]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [(i, bytes(b)) for i, b in conn.execute(
+                select(T_INBOUND_RAW.c.inbound_id, T_INBOUND_RAW.c.raw)).all()]
+    finally:
+        engine.dispose()
 
 
 def _tickets_and_decisions(url: str) -> tuple[list[Ticket], list[Decision]]:
@@ -190,6 +204,21 @@ def test_failing_handler_is_parked_and_retried(store: Store) -> None:
                                                                  "last fine"]
     assert cli_json(store, "tickets", "parked") == {"parked": []}
     assert {x.status for x in all_of(store, Inbound)} == {InboundStatus.DONE}
+
+
+def test_mail_whose_bytes_are_missing_is_parked_not_left_waiting(store: Store) -> None:
+    """`inbound_raw` is written in the same transaction as `inbound`, so this takes a hand
+    in the database; should it happen, the message is parked with the cause."""
+    store.accept(make_mail(subject="gone"))
+    store.accept(make_mail(subject="kept", frm="kim@example.org"))
+    [gone, kept] = all_of(store, Inbound)
+    with store.engine.begin() as conn:
+        conn.execute(T_INBOUND_RAW.delete().where(T_INBOUND_RAW.c.inbound_id == gone.id))
+    assert store.drain() == 2
+    [gone, kept] = all_of(store, Inbound)
+    assert gone.status == InboundStatus.PARKED and kept.status == InboundStatus.DONE
+    assert f"inbound {gone.id}: its bytes are missing from inbound_raw" in (gone.error or "")
+    assert [t.subject for t in all_of(store, Ticket)] == ["kept"]
 
 
 def test_recipient_no_longer_owned_is_parked_with_clear_error(store: Store) -> None:

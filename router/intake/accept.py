@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -26,7 +26,7 @@ from router import log
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine
 from router.mail import dedupe_key, quick_headers
-from router.models import T_INBOUND, InboundStatus
+from router.models import T_INBOUND, T_INBOUND_RAW, InboundStatus
 
 if TYPE_CHECKING:
     from router.intake.spool import Spool
@@ -77,14 +77,31 @@ def merge_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(by_key.values())
 
 
-def insert_statement(engine: Engine) -> Any:
-    """INSERT that counts a repeated delivery instead of storing the mail twice."""
-    dialect = sqlite if is_sqlite(str(engine.url)) else postgresql
-    stmt = dialect.insert(T_INBOUND)
-    return stmt.on_conflict_do_update(
-        index_elements=[T_INBOUND.c.dedupe_key],
-        set_={"deliveries": T_INBOUND.c.deliveries + stmt.excluded.deliveries},
-    )
+_IDS_BY_KEY = select(T_INBOUND.c.dedupe_key, T_INBOUND.c.id).where(
+    T_INBOUND.c.dedupe_key.in_(bindparam("keys", expanding=True)))
+
+
+class InboundInsert:
+    """Stores rows of `_row` (one per dedupe key: `merge_duplicates`) in the caller's
+    transaction: the envelope into `inbound`, where a repeated delivery is counted instead
+    of stored twice, and the bytes into `inbound_raw`, once per message."""
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = sqlite if is_sqlite(str(engine.url)) else postgresql
+        stmt = dialect.insert(T_INBOUND)
+        self.envelope = stmt.on_conflict_do_update(
+            index_elements=[T_INBOUND.c.dedupe_key],
+            set_={"deliveries": T_INBOUND.c.deliveries + stmt.excluded.deliveries})
+        self.raw = dialect.insert(T_INBOUND_RAW).on_conflict_do_nothing()
+
+    def __call__(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        conn.execute(self.envelope, [{k: v for k, v in r.items() if k != "raw"} for r in rows])
+        # The ids of new and repeated mail alike: a repeat's bytes are already stored.
+        ids = dict(conn.execute(_IDS_BY_KEY, {"keys": [r["dedupe_key"] for r in rows]}).all())
+        conn.execute(self.raw, [{"inbound_id": ids[r["dedupe_key"]], "raw": r["raw"]}
+                                for r in rows])
 
 
 def _locked(exc: Exception) -> bool:
@@ -93,7 +110,8 @@ def _locked(exc: Exception) -> bool:
 
 def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
                lock_wait: float = 10.0) -> None:
-    """Commit the rows or raise StorageUnavailable.
+    """Commit the rows or raise StorageUnavailable. `stmt`: a statement to execute with the
+    rows, or a callable that writes them on a connection (`InboundInsert`).
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
     tenth of a second on every sender waiting in this batch whenever another writer holds
@@ -104,7 +122,10 @@ def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
     while True:
         try:
             with engine.begin() as conn:
-                conn.execute(stmt, rows)
+                if callable(stmt):
+                    stmt(conn, rows)
+                else:
+                    conn.execute(stmt, rows)
             return
         except Exception as exc:  # any failure to commit means "not accepted"
             if _locked(exc) and time.monotonic() < deadline:
@@ -125,7 +146,7 @@ def intake_engine(url: str) -> Engine:
 
 def accept_sync(engine: Engine, env: Envelope, clock: Clock = system_clock) -> None:
     """One message, one transaction: for the pipe channel and tools."""
-    write_rows(engine, insert_statement(engine), [_row(env, clock())])
+    write_rows(engine, InboundInsert(engine), [_row(env, clock())])
 
 
 class Acceptor:
@@ -143,7 +164,7 @@ class Acceptor:
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
-        self._stmt = insert_statement(engine) if engine is not None else None
+        self._stmt = InboundInsert(engine) if engine is not None else None
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")

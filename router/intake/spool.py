@@ -58,8 +58,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from router import log
 from router.clock import Clock, system_clock
 from router.db import make_engine, set_synchronous, sqlite_file
-from router.intake.accept import insert_statement, intake_engine, merge_duplicates, write_rows
-from router.models import T_INBOUND, T_SPOOL_CURSOR, InboundStatus
+from router.intake.accept import InboundInsert, intake_engine, merge_duplicates, write_rows
+from router.models import T_INBOUND, T_INBOUND_RAW, T_SPOOL_CURSOR, InboundStatus
 
 ROTATE_ROWS = 2048
 ROTATE_BYTES = 32 * 1024 * 1024
@@ -73,8 +73,9 @@ _META = MetaData()
 # dedupe key here: duplicates are merged into one inbound row when they are moved.
 # AUTOINCREMENT: the cursor counts on every new row having a higher id than the ones before,
 # even if rows were ever deleted by hand.
+_INBOUND_COLUMNS = {**T_INBOUND.c, "raw": T_INBOUND_RAW.c.raw}
 T_SPOOLED = Table("spooled", _META, Column("id", Integer, primary_key=True),
-                  *(Column(n, T_INBOUND.c[n].type, nullable=T_INBOUND.c[n].nullable)
+                  *(Column(n, _INBOUND_COLUMNS[n].type, nullable=_INBOUND_COLUMNS[n].nullable)
                     for n in SPOOL_COLUMNS),
                   sqlite_autoincrement=True)
 # A reply waits while its original is still spooled (`SpoolMover.holds`).
@@ -336,7 +337,7 @@ class SpoolMover:
         # database's write lock is held.
         self.max_rows = max_rows
         self.max_bytes = max_bytes
-        self._insert = insert_statement(write_engine)
+        self._insert = InboundInsert(write_engine)
         self._sources: dict[Path, _Source] = {}
         self._failing: set[Path] = set()
         self._log = log.get("router.intake.spool")
@@ -450,7 +451,7 @@ class SpoolMover:
             f.mark = int(mark)
             fresh = [r for r in f.rows if r.id > mark]
             if fresh:
-                conn.execute(self._insert, merge_duplicates([
+                self._insert(conn, merge_duplicates([
                     {**{k: getattr(r, k) for k in SPOOL_COLUMNS},
                      "status": InboundStatus.NEW, "attempts": 0} for r in fresh]))
                 conn.execute(update(T_SPOOL_CURSOR)
