@@ -62,7 +62,7 @@ def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
     `busy_ms` and `autocheckpoint` let the intake writer wait for the lock its own way and
     leave WAL checkpoints to the other connections (see intake/accept.py). `synchronous`
     NORMAL is for writes that can be redone from what is durable already (the pipeline's
-    routing, see `set_synchronous`)."""
+    routing and its moves of spooled mail, see `Pipeline._writing`)."""
     url = normalize_url(url)
     if is_sqlite(url):
         path = make_url(url).database
@@ -81,13 +81,6 @@ def make_engine(url: str, *, immediate: bool = False, busy_ms: int = 10000,
     if "poolclass" not in kw:
         kw.setdefault("pool_size", 10)
     return create_engine(url, **kw)
-
-
-def set_synchronous(conn: Any, level: str) -> None:
-    """SQLite's sync level for `conn`'s next transactions; only between transactions (SQLite
-    refuses it inside one), so it goes to the DB-API connection: through SQLAlchemy the
-    statement would begin a transaction first."""
-    conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={level}")
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -40,7 +40,7 @@ from router.bounce import handle_dsn, is_dsn
 from router.checkpoint import Checkpointer
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
-from router.db import is_sqlite, make_engine, set_synchronous, sqlite_file
+from router.db import is_sqlite, make_engine, sqlite_file
 from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
@@ -376,7 +376,7 @@ class Pipeline:
             if not ids and fetched:
                 assert self.mover is not None
                 conn.rollback()  # a fresh snapshot below, with what is moved now
-                with self._writing(durable=True) as wconn:
+                with self._writing() as wconn:
                     moved = self.mover.store(wconn, fetched)
                 self.mover.settle(fetched)
                 self.last_moved = moved
@@ -406,7 +406,7 @@ class Pipeline:
             handled: list[int] = []
             try:
                 # On SQLite the write lock is given up after one slice of time.
-                with self._writing(durable=bool(fetched)) as conn:
+                with self._writing() as conn:
                     slice_end = time.monotonic() + self.lock_slice
                     backlogs = Backlogs()
                     if fetched:
@@ -443,24 +443,15 @@ class Pipeline:
         return self.processed + self.parked - done_before
 
     @contextmanager
-    def _writing(self, *, durable: bool) -> Iterator[Connection]:
-        """One write transaction. On SQLite, routing commits without a sync of its own
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction. On SQLite it commits without a sync of its own
         (synchronous=NORMAL): what it writes can be redone from the stored mail, and the
         next sync of the log (any FULL commit: intake, the outbox claiming an ack before
         it sends it, the console; or a checkpoint, every half second) makes it durable, as
-        the log is one file written in order. A transaction that moves spooled mail is
-        `durable` (FULL): the spool file may be removed once the move is recorded."""
-        with self.write_engine.connect() as conn:
-            if self.sqlite and durable:
-                set_synchronous(conn, "FULL")
-            try:
-                with self._turn(), conn.begin():
-                    yield conn
-            finally:
-                if self.sqlite and durable:
-                    # Only a setting: a connection that broke meanwhile is dropped anyway.
-                    with suppress(Exception):
-                        set_synchronous(conn, "NORMAL")
+        the log is one file written in order. That holds for moving spooled mail too: a
+        spool file is removed only after a sync of the log (`SpoolMover._remove`)."""
+        with self.write_engine.connect() as conn, self._turn(), conn.begin():
+            yield conn
 
     def _still_new(self, conn: Connection, ids: list[int],
                    prepared: dict[int, Prepared]) -> list[Any]:

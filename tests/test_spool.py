@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -212,34 +213,51 @@ def test_spools_are_moved_in_order_of_arrival(url: str) -> None:
         spool.close()
 
 
-def test_moving_is_synced_and_routing_is_not(tmp_path: Path) -> None:
-    """The transaction that moves spooled mail commits with a sync (the spool file may be
-    removed after it); one that only routes mail already in `inbound` does not: it can be
-    redone, and the next sync of the log makes it durable."""
+def test_moves_are_not_synced_but_the_log_is_before_a_spool_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving spooled mail commits without a sync of its own, as routing does (a power cut
+    could undo it, and the mail is still in its spool). The database's log is synced before
+    a moved spool file is removed, so no power cut can undo a move whose file is gone."""
+    monkeypatch.setattr(spool_module, "ROTATE_ROWS", 2)
     cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
     settings = config.load(cfg)
     url = settings.database_url
     db.upgrade(url)
     levels: list[int] = []
+    done: list[str] = []  # fsyncs and removals, in order
 
     def record_level(conn: Any, handled: Any) -> None:
         levels.append(conn.exec_driver_sql("PRAGMA synchronous").scalar())
 
+    real_fsync, real_unlink = os.fsync, Path.unlink
+
+    def fsync(fd: int) -> None:
+        done.append("fsync " + Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        done.append("unlink " + self.name)
+        real_unlink(self, missing_ok=missing_ok)
+
     spool = _spool_at(url)
     pipeline = Pipeline(url, lambda: settings, hooks=[record_level])
     try:
-        asyncio.run(_accept(spool, [_env(1)]))
-        pipeline.process_batch()   # moved (in a transaction of its own: nothing waited)
-        asyncio.run(_accept(spool, [_env(2)]))
-        engine = db.make_engine(url)
-        accept_sync(engine, _env(3))   # stored in inbound directly, as `router ingest` does
-        engine.dispose()
+        for i in range(3):   # file 1 holds two and is sealed; file 2 the third
+            asyncio.run(_accept(spool, [_env(i)]))
+        spool.settle()
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(Path, "unlink", unlink)
         pipeline.drain()
+        pipeline.process_batch()   # the next fetch finds file 1 moved to its end
     finally:
         pipeline.close()
         spool.close()
-    # 1: routed alone; 3 first, with 2 moved in the same transaction; then 2, alone.
-    assert levels == [1, 2, 1]  # NORMAL, FULL, NORMAL
+    assert levels == [1, 1, 1]  # NORMAL: the transactions that moved the mail included
+    gone = [e for e in done if e.startswith("unlink router.spool-0-1")]
+    assert gone, done
+    first = done.index(gone[0])
+    assert {"fsync router.db-wal", "fsync router.db"} <= set(done[:first]), done
+    assert len(inbound_rows(url)) == 3
 
 
 def test_only_the_first_worker_moves_and_the_others_see_the_spools(tmp_path: Path) -> None:

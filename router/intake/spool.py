@@ -12,7 +12,9 @@ inserts the rows and advances that file's ``spool_cursor`` row, so a crash at an
 moves each message exactly once. Nothing is ever deleted from a spool: after `ROTATE_ROWS`
 messages (or `ROTATE_BYTES`) intake switches to file ``n + 1``, made ahead beside it, and
 seals file ``n`` (its last write there) aside, and a sealed file that has been moved
-completely is removed whole. A restart carries on in the newest file and seals the others.
+completely is removed whole. The moves commit without a sync of their own, as routing does;
+the database's log is synced before a file is removed, so a power cut can undo a move but
+never after its file is gone. A restart carries on in the newest file and seals the others.
 Deleting moved rows one by one instead cost more than moving them, and held up intake.
 A spool file names itself with an id kept inside it, so a file made again under the same
 name starts a new cursor instead of being taken as moved. Spools left by a larger
@@ -25,6 +27,7 @@ PostgreSQL locks rows, not the database: there, and for the pipe and tools, inta
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
 import threading
@@ -57,7 +60,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from router import log
 from router.clock import Clock, system_clock
-from router.db import make_engine, set_synchronous, sqlite_file
+from router.db import make_engine, sqlite_file
 from router.intake.accept import InboundInsert, intake_engine, merge_duplicates, write_rows
 from router.models import T_INBOUND, T_INBOUND_RAW, T_SPOOL_CURSOR, InboundStatus
 
@@ -352,10 +355,8 @@ class SpoolMover:
         fetched = self.fetch()
         if not fetched:
             return 0
-        with self.write_engine.connect() as conn:
-            set_synchronous(conn, "FULL")  # the spool file may be removed once this commits
-            with conn.begin():
-                n = self.store(conn, fetched)
+        with self.write_engine.connect() as conn, conn.begin():
+            n = self.store(conn, fetched)
         self.settle(fetched)
         return n
 
@@ -543,7 +544,9 @@ class SpoolMover:
 
     def _remove(self, path: Path) -> None:
         """A sealed spool file, moved to its last row: its intake process writes to a newer
-        one and never to this again."""
+        one and never to this again. The moves committed without a sync (a power cut could
+        still undo them): the database is synced first."""
+        self._sync_database()
         src = self._sources.pop(path, None)
         if src is not None:
             src.engine.dispose()
@@ -553,6 +556,22 @@ class SpoolMover:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         self._log.debug("spool_removed", spool=str(path))
+
+
+    def _sync_database(self) -> None:
+        """Make every commit to the database so far durable: its log holds them in order,
+        and what a checkpoint copied out of the log is in the database file."""
+        database = sqlite_file(self.url)
+        assert database is not None
+        for p in (database.with_name(database.name + "-wal"), database):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # no log: nothing committed since it was emptied and removed
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _unmoved(url: str, what: Any) -> list[Any]:
