@@ -51,7 +51,6 @@ RUNNING_STATUSES = frozenset({TicketStatus.NEW, TicketStatus.OPEN})
 STOPPED_STATUSES = frozenset({TicketStatus.SOLVED, TicketStatus.CLOSED})
 _INS_CLOCK = insert(T_SLA_CLOCK)
 _SEL_CLOCKS = select(T_SLA_CLOCK).where(T_SLA_CLOCK.c.ticket_id == bindparam("tid"))
-_CLOCK_COLUMNS = tuple(T_SLA_CLOCK.c.keys())
 
 
 class Meter:
@@ -217,25 +216,20 @@ def opening(team: Team, now: datetime, *, running: bool) -> list[FreshClock]:
 
 
 def insert_fresh(conn: Connection, ticket_id: int, new: list[FreshClock]) -> None:
-    """Write new clocks in one statement, without putting them in an ORM session: for a
-    ticket nothing else in the transaction changes the clocks of (one just opened)."""
+    """Write new clocks with Core, in one statement (the unit of work costs more than the
+    rows). Alone, for a ticket whose clocks nothing else in the transaction changes (one
+    just opened); `_write` also puts them in an ORM session."""
     if new:
         fastsql.execute(conn, _INS_CLOCK, [c.row(ticket_id) for c in new])
 
 
-def _new(ticket_id: int, clock: str, team: Team, now: datetime, cycle: int = 0, *,
-         running: bool = True) -> SlaClock:
-    """A new clock, as an object `_write` stores."""
-    return loaded(SlaClock, fresh(clock, team, now, cycle, running=running).row(ticket_id))
-
-
-def _write(session: Session, new: list[SlaClock]) -> None:
-    """Insert new clocks with Core, in one statement (the unit of work costs more than the
-    rows), and put them in `session` for later changes."""
-    if new:
-        fastsql.execute(session.connection(), _INS_CLOCK,
-                        [{k: c.__dict__[k] for k in _CLOCK_COLUMNS} for c in new])
-        session.add_all(new)
+def _write(session: Session, ticket_id: int, new: list[FreshClock]) -> list[SlaClock]:
+    """Insert new clocks (`insert_fresh`) and put them in `session`, as objects, for later
+    changes. Returns those objects."""
+    insert_fresh(session.connection(), ticket_id, new)
+    written = [loaded(SlaClock, c.row(ticket_id)) for c in new]
+    session.add_all(written)
+    return written
 
 
 def _restart(c: SlaClock, team: Team, now: datetime) -> None:
@@ -257,11 +251,9 @@ def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
     transaction."""
     assert ticket.id is not None
     have = dict(clocks(session, ticket.id) if have is None else have)
-    new = [loaded(SlaClock, c.row(ticket.id))
-           for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
+    new = [c for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
            if c.clock not in have]
-    _write(session, new)
-    have.update((c.clock, c) for c in new)
+    have.update((c.clock, c) for c in _write(session, ticket.id, new))
     return have
 
 
@@ -286,8 +278,8 @@ def customer_reply(session: Session, ticket: Ticket, team: Team,
         return have
     nxt = have.get(NEXT_RESPONSE)
     if nxt is None:
-        have[NEXT_RESPONSE] = nxt = _new(ticket.id, NEXT_RESPONSE, team, now, cycle=1)
-        _write(session, [nxt])
+        [have[NEXT_RESPONSE]] = _write(session, ticket.id,
+                                       [fresh(NEXT_RESPONSE, team, now, cycle=1)])
     elif nxt.stopped_at is not None:
         _restart(nxt, team, now)
     else:

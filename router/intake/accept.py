@@ -164,7 +164,7 @@ class Acceptor:
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
-        self._stmt = InboundInsert(engine) if engine is not None else None
+        self._insert = InboundInsert(engine) if engine is not None else None
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
@@ -202,7 +202,7 @@ class Acceptor:
             self.spool.write(rows)
         else:
             assert self.engine is not None
-            write_rows(self.engine, self._stmt, rows)
+            write_rows(self.engine, self._insert, rows)
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()

@@ -557,7 +557,6 @@ class SpoolMover:
                 p.unlink()
         self._log.debug("spool_removed", spool=str(path))
 
-
     def _sync_database(self) -> None:
         """Make every commit to the database so far durable: its log holds them in order,
         and what a checkpoint copied out of the log is in the database file."""
