@@ -48,7 +48,6 @@ from router.models import (
     Article,
     ArticleKind,
     Customer,
-    Outbox,
     Ticket,
 )
 from router.outbox import HUMAN_KINDS, enqueue_row
@@ -293,15 +292,14 @@ def build_message(*, settings: Settings, team: Team, ticket: Ticket, customer: C
 # ---------------------------------------------------------------------------- deciding
 
 
-def compute_promise(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
+def compute_promise(conn: Connection, *, settings: Settings, team: Team, ticket: Ticket,
                     now: datetime, backlogs: turnaround.Backlogs | None = None) -> Promise:
     """The promise for `ticket`. `backlogs`: what this transaction counted before."""
     calendar = BusinessCalendar.cached_for_team(team)
-    samples, rate = turnaround.answered(session, team.name, now, calendar, HISTORY_WINDOW)
+    samples, rate = turnaround.answered(conn, team.name, now, calendar, HISTORY_WINDOW)
 
     def backlog() -> int:
-        return turnaround.backlog(session.connection(), team.name, ticket.id,
-                                  counted=backlogs)
+        return turnaround.backlog(conn, team.name, ticket.id, counted=backlogs)
 
     return turnaround.estimate(now, calendar, samples, backlog, rate, team.sla.first_response,
                                settings.ack.quantile, settings.ack.min_history,
@@ -321,7 +319,7 @@ def our_addresses(settings: Settings) -> set[str]:
 
 _INS_ARTICLE = insert(T_ARTICLE)
 _INS_EVENT = insert(T_EVENT)
-# The rate-limit counts run for every new ticket: built once, run on the session's connection.
+# The rate-limit counts run for every new ticket: built once, run on the routing connection.
 _ACKS_OF_TICKET = select(func.count()).select_from(T_OUTBOX).where(
     T_OUTBOX.c.ticket_id == bindparam("ticket"), T_OUTBOX.c.kind == ACK_KIND)
 _ACKS_FROM_ADDRESS = select(func.count()).select_from(T_OUTBOX).where(
@@ -332,15 +330,13 @@ _AUTOMATIC_SINCE = select(func.count()).select_from(T_OUTBOX).where(
     T_OUTBOX.c.kind.not_in(sorted(HUMAN_KINDS)), T_OUTBOX.c.created_at > bindparam("since"))
 
 
-def _count(session: Session, stmt: Any, **params: Any) -> int:
-    if any(isinstance(o, Outbox) for o in session.new):
-        session.flush()  # an outbox row added in this session counts too
-    return int(fastsql.execute(session.connection(), stmt, params).scalar_one())
+def _count(conn: Connection, stmt: Any, **params: Any) -> int:
+    return int(fastsql.execute(conn, stmt, params).scalar_one())
 
 
-def _suppress(session: Session, ticket: Ticket, article: Article | None, parsed: ParsedMail,
+def _suppress(conn: Connection, ticket: Ticket, article: Article | None, parsed: ParsedMail,
               now: datetime, code: str, reason: str, promise: Promise | None) -> AckOutcome:
-    fastsql.execute(session.connection(), _INS_EVENT, {
+    fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket.id, "kind": "ack_suppressed",
         "data": {"rule": code, "reason": reason, "message_id": parsed.message_id,
                  "article_id": article.id if article else None}})
@@ -349,22 +345,24 @@ def _suppress(session: Session, ticket: Ticket, article: Article | None, parsed:
     return AckOutcome(False, reason, None, promise, code)
 
 
-def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket,
+def plan_ack(conn: Connection, *, settings: Settings, team: Team, ticket: Ticket,
              article: Article | None, customer: Customer, parsed: ParsedMail,
              envelope_sender: str | None, now: datetime, clock: Clock | None = None,
              language: str | None = None, suppress: str | None = None,
              backlogs: turnaround.Backlogs | None = None) -> AckOutcome:
     """Decide about the ack for `parsed` (already threaded onto or opening `ticket`) and, if
     it goes out, write it to the outbox. Runs in the caller's transaction; the caller commits
-    and then wakes the outbox worker when `outcome.outbox_id` is set.
+    and then wakes the outbox worker when `outcome.outbox_id` is set. It reads and writes
+    through `conn` alone: the ticket, article and customer must be written already (an ORM
+    caller flushes first), and what it sets on `ticket` (the promise) is the caller's to
+    write (the pipeline's `Handled.finish`; an ORM session's own flush).
 
     `envelope_sender`: the SMTP MAIL FROM ("" for the null sender), None when the channel has
     none (IMAP). `now`: when the message arrived (the SLA clock's start). `clock` is accepted
     for symmetry with the other services; the decision uses `now` only. `backlogs`: the
     team backlogs counted in this transaction before (the pipeline's, `turnaround.Backlogs`).
     """
-    if ticket.id is None:
-        session.flush()
+    assert ticket.id is not None, "plan_ack needs the ticket written (flushed) first"
     # plan_ack has run for this ticket before (it stores a promise every time it computes
     # one), or a person already answered: this message is a follow-up, not a new request.
     follow_up = ticket.promised_at is not None or ticket.first_response_at is not None
@@ -372,7 +370,7 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
     promise_error: str | None = None
     if not follow_up:
         try:
-            promise = compute_promise(session, settings=settings, team=team, ticket=ticket,
+            promise = compute_promise(conn, settings=settings, team=team, ticket=ticket,
                                       now=now, backlogs=backlogs)
         except ValueError as exc:
             # A calendar that is never open cannot promise anything; that must not cost the
@@ -381,10 +379,9 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
         else:
             ticket.promised_at = promise.deadline
             ticket.promise_basis = promise.basis[:32]
-            session.add(ticket)
 
     def no(code: str, reason: str) -> AckOutcome:
-        return _suppress(session, ticket, article, parsed, now, code, reason, promise)
+        return _suppress(conn, ticket, article, parsed, now, code, reason, promise)
 
     if not settings.ack.enabled:
         return no("disabled", "ack disabled")
@@ -394,18 +391,18 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
                              envelope_sender=envelope_sender)
     if robot is not None:
         return no("loop_guard", robot)
-    if follow_up or _count(session, _ACKS_OF_TICKET, ticket=ticket.id):
+    if follow_up or _count(conn, _ACKS_OF_TICKET, ticket=ticket.id):
         return no("ticket_acked", "follow-up on an existing ticket (one ack per ticket)")
     domain = customer.email.rpartition("@")[2].lower()
     if not domain or domain == "invalid" or domain.endswith(".invalid"):
         return no("no_address", "no address to answer")
     grace = settings.ack.grace_period
-    if grace and _count(session, _ACKS_FROM_ADDRESS, customer=customer.id,
+    if grace and _count(conn, _ACKS_FROM_ADDRESS, customer=customer.id,
                         address=ticket.address, since=now - grace):
         return no("grace_period",
                   f"{customer.email} already got an ack from {ticket.address} within the "
                   f"grace period ({_hours(grace)})")
-    sent_today = _count(session, _AUTOMATIC_SINCE, customer=customer.id,
+    sent_today = _count(conn, _AUTOMATIC_SINCE, customer=customer.id,
                         since=now - DAILY_WINDOW)
     if sent_today >= settings.ack.daily_cap:
         return no("daily_cap", f"daily cap of automatic mail reached for {customer.email} "
@@ -446,11 +443,9 @@ def plan_ack(session: Session, *, settings: Settings, team: Team, ticket: Ticket
     msg = build_message(settings=settings, team=team, ticket=ticket, customer=customer,
                         parsed=parsed, rendered=rendered)
     # Core, not the ORM: the unit of work for these two rows costs more than writing them.
-    outbox_id, row = enqueue_row(session.connection(), kind=ACK_KIND, msg=msg,
+    outbox_id, row = enqueue_row(conn, kind=ACK_KIND, msg=msg,
                                  ticket_id=ticket.id, customer_id=customer.id, now=now,
                                  hostname=settings.smtp.hostname)
-    assert ticket.id is not None
-    conn = session.connection()
     fastsql.execute(conn, _INS_ARTICLE, {
         "ticket_id": ticket.id, "inbound_id": None, "kind": ArticleKind.OUT, "automatic": True,
         "message_id": row["message_id"], "sender": ticket.address, "sender_name": team.label,
@@ -492,7 +487,6 @@ def ack_hook(conn: Connection, handled: Handled) -> None:
     ticket; call `plan_ack` directly where the `AckOutcome` itself is needed.
     """
     settings = handled.settings
-    session = handled.session()
     ticket = handled.get(Ticket, handled.ticket_id)
     customer = handled.get(Customer, handled.customer.id)
     article = handled.get(Article, handled.article_id)
@@ -504,7 +498,7 @@ def ack_hook(conn: Connection, handled: Handled) -> None:
         # IMAP has no envelope, and `router ingest` without -f cannot tell "null sender"
         # from "not given": the Return-Path header decides then (see loopguard).
         sender = None
-    plan_ack(session, settings=settings, team=team, ticket=ticket, article=article,
+    plan_ack(conn, settings=settings, team=team, ticket=ticket, article=article,
              customer=customer, parsed=handled.parsed, envelope_sender=sender,
              now=handled.now, language=ticket.language or customer.language,
              suppress=handled.decision.suppress_ack if handled.decision else None,

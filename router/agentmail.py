@@ -118,11 +118,11 @@ def notify_hook(conn: Connection, handled: Handled) -> None:
     if not handled.new_ticket:
         return
     settings = handled.settings
-    session = handled.session()
     ticket = handled.get(Ticket, handled.ticket_id)
     team = settings.team_by_name(ticket.team) if ticket is not None else None
     if ticket is None or team is None or not team.notify_agents:
         return
+    session = handled.session()
     customer = handled.get(Customer, ticket.customer_id)
     assert ticket.id is not None and customer is not None
     if ticket.assignee:

@@ -27,11 +27,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, func, insert
-from sqlmodel import Session, col, select
+from sqlalchemy import Connection, func, insert, select
 
 from router import fastsql, log
-from router.models import T_EVENT, Event, Ticket, TicketStatus
+from router.models import T_EVENT, T_TICKET, Ticket, TicketStatus
 from router.settings import Team
 
 if TYPE_CHECKING:
@@ -50,11 +49,11 @@ def candidates(team: Team) -> list[str]:
     return list(dict.fromkeys(m.email for m in team.members if m.role in ASSIGN_ROLES))
 
 
-def open_load(session: Session, people: list[str]) -> dict[str, int]:
-    rows = session.exec(select(Ticket.assignee, func.count())
-                        .where(col(Ticket.assignee).in_(people),
-                               col(Ticket.status).in_(OPEN_STATUSES))
-                        .group_by(Ticket.assignee)).all()
+def open_load(conn: Connection, people: list[str]) -> dict[str, int]:
+    rows = conn.execute(select(T_TICKET.c.assignee, func.count())
+                        .where(T_TICKET.c.assignee.in_(people),
+                               T_TICKET.c.status.in_(OPEN_STATUSES))
+                        .group_by(T_TICKET.c.assignee)).all()
     load = dict.fromkeys(people, 0)
     for assignee, n in rows:
         if assignee is not None:
@@ -62,14 +61,14 @@ def open_load(session: Session, people: list[str]) -> dict[str, int]:
     return load
 
 
-def last_round_robin(session: Session, team: str, now: datetime) -> str | None:
-    data = col(Event.data)
-    row = session.exec(select(Event.data)
-                       .where(Event.kind == "assigned",
-                              col(Event.at) >= now - ROUND_ROBIN_MEMORY,
+def last_round_robin(conn: Connection, team: str, now: datetime) -> str | None:
+    data = T_EVENT.c.data
+    row = conn.execute(select(data)
+                       .where(T_EVENT.c.kind == "assigned",
+                              T_EVENT.c.at >= now - ROUND_ROBIN_MEMORY,
                               data["policy"].as_string() == "round_robin",
                               data["team"].as_string() == team)
-                       .order_by(col(Event.id).desc()).limit(1)).first()
+                       .order_by(T_EVENT.c.id.desc()).limit(1)).scalar()
     assignee = row.get("assignee") if isinstance(row, dict) else None
     return assignee if isinstance(assignee, str) else None
 
@@ -87,8 +86,9 @@ def choose(policy: str, people: list[str], load: dict[str, int], cap: int,
     return next(p for p in turn if p in eligible)
 
 
-def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> str | None:
-    """Apply the team's policy to a new, unassigned ticket in the caller's transaction."""
+def assign_new(conn: Connection, ticket: Ticket, team: Team, now: datetime) -> str | None:
+    """Apply the team's policy to a new, unassigned ticket in the caller's transaction. It
+    sets `ticket.assignee`; writing the ticket is the caller's (the pipeline's `Handled`)."""
     policy = team.assignment
     if policy == "manual" or ticket.assignee is not None:
         return None
@@ -97,13 +97,12 @@ def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> s
         reason = f"team {team.name} has no members with role agent or lead"
         load: dict[str, int] = {}
     else:
-        load = open_load(session, people)
-        last = last_round_robin(session, team.name, now) if policy == "round_robin" else None
+        load = open_load(conn, people)
+        last = last_round_robin(conn, team.name, now) if policy == "round_robin" else None
         chosen = choose(policy, people, load, team.max_open_per_agent, last)
         if chosen is not None:
             ticket.assignee = chosen
-            session.add(ticket)
-            fastsql.execute(session.connection(), _INS_EVENT, {
+            fastsql.execute(conn, _INS_EVENT, {
                 "at": now, "ticket_id": ticket.id, "kind": "assigned",
                 "data": {"by": "router", "assignee": chosen, "previous": None,
                          "policy": policy, "team": team.name, "open": load[chosen]}})
@@ -112,7 +111,7 @@ def assign_new(session: Session, ticket: Ticket, team: Team, now: datetime) -> s
             return chosen
         reason = (f"all {len(people)} members of team {team.name} are at the cap of "
                   f"{team.max_open_per_agent} open tickets")
-    fastsql.execute(session.connection(), _INS_EVENT, {
+    fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket.id, "kind": "assignment_skipped",
         "data": {"policy": policy, "team": team.name, "reason": reason, "load": load}})
     _log.info("assignment skipped", ticket=ticket.id, team=team.name, policy=policy,
@@ -124,9 +123,8 @@ def assignment_hook(conn: Connection, handled: Handled) -> None:
     """`router.pipeline.Hook`: assign the ticket the pipeline just opened."""
     if not handled.new_ticket:
         return
-    session = handled.session()
     ticket = handled.get(Ticket, handled.ticket_id)
     team = handled.settings.team_by_name(ticket.team) if ticket is not None else None
     if ticket is None or team is None:
         return
-    assign_new(session, ticket, team, handled.now)
+    assign_new(conn, ticket, team, handled.now)

@@ -270,7 +270,6 @@ class SlaHook:
 
     def __call__(self, conn: Connection, handled: Handled) -> None:
         settings = handled.settings
-        session = handled.session()
         ticket = handled.get(Ticket, handled.ticket_id)
         team = settings.team_by_name(ticket.team) if ticket is not None else None
         if ticket is None or team is None:
@@ -291,6 +290,8 @@ class SlaHook:
         elif handled.customer.email in our_addresses(settings):
             return  # staff writing on the thread (e.g. answering a notification): no clock
         else:
+            # A reply's clocks are rows of their own, changed in place: the ORM session's.
+            session = handled.session()
             clocks = sla.customer_reply(session, ticket, team, handled.now)
             reschedule(session, ticket, settings, clocks=clocks)
 

@@ -124,37 +124,40 @@ class Handled:
         return self._session
 
     def get(self, model: type[T], ident: int) -> T | None:
-        """`session().get`, but held here: the session's identity map is weak, and a row no
-        hook changed would otherwise be loaded again by the next hook."""
+        """The row routing wrote (`know`), with no session: a hook that only reads it and
+        sets its columns needs none, and `finish` writes what it set. Any other row through
+        `session().get`, held here: the session's identity map is weak, and a row no hook
+        changed would otherwise be loaded again by the next hook."""
         key = (model, ident)
-        session = self.session()  # the rows routing wrote join it here, before any change
         if key not in self._rows:
-            self._rows[key] = session.get(model, ident)
+            self._rows[key] = self.session().get(model, ident)
         return cast("T | None", self._rows[key])
 
     def finish(self) -> None:
-        """The hooks are done: flush their rows (the routing transaction commits them)."""
-        session = self._session
-        if session is None:
-            return
+        """The hooks are done: write their rows (the routing transaction commits them)."""
         # The rows routing wrote are the ones every hook changes (the ticket's promise and
         # next due time, mostly): an UPDATE of their changed columns costs a fraction of
-        # the unit of work's flush. Anything else the hooks did goes out in that flush.
+        # the unit of work's flush. They may never have joined a session (`get`): the ORM
+        # tracks what is set on a detached row as on a persistent one. Anything else the
+        # hooks did goes out in the session's flush.
         assert self.conn is not None
+        session = self._session
         for (model, ident), obj in self._rows.items():
             if obj is None:
                 continue
             state = inspect(obj)
-            if not state.persistent or not state.committed_state:
+            if state.key is None or not state.committed_state:
                 continue
             changes = {key: state.dict[key] for key in state.committed_state}
             fastsql.execute(self.conn, _update_by_id(model, tuple(sorted(changes))),
                             {"row_id": ident, **{f"v_{k}": v for k, v in changes.items()}})
-            # Written: the flush below need not look at it again.
-            session.expunge(obj)
-        # A flush, not commit(): in "rollback_only" mode commit() only flushes too, after a
-        # walk through the session's transaction states (the flush alone is cheaper).
-        session.flush()
+            if session is not None and state.session_id == session.hash_key:
+                session.expunge(obj)  # the flush below need not look at it again
+        if session is not None:
+            # A flush, not commit(): in "rollback_only" mode commit() only flushes too,
+            # after a walk through the session's transaction states (the flush alone is
+            # cheaper).
+            session.flush()
 
     def close(self) -> None:
         if self._session is not None:

@@ -217,11 +217,13 @@ def history(session: Session, team: str, now: datetime, calendar: BusinessCalend
             rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], int, float | None]:
     """(samples, backlog, answer_rate) for `team` as of `now`: `answered`, and `backlog`
     minus `exclude_id` (the ticket being acknowledged)."""
-    samples, rate = answered(session, team, now, calendar, window, rate_hours=rate_hours)
-    return samples, backlog(session.connection(), team, exclude_id), rate
+    session.flush()  # the queries read the tables directly
+    conn = session.connection()
+    samples, rate = answered(conn, team, now, calendar, window, rate_hours=rate_hours)
+    return samples, backlog(conn, team, exclude_id), rate
 
 
-def answered(session: Session, team: str, now: datetime, calendar: BusinessCalendar,
+def answered(conn: Connection, team: str, now: datetime, calendar: BusinessCalendar,
              window: timedelta = timedelta(days=28), *,
              rate_hours: float = RATE_WINDOW_HOURS) -> tuple[list[float], float | None]:
     """(samples, answer_rate) for `team` as of `now`.
@@ -232,8 +234,6 @@ def answered(session: Session, team: str, now: datetime, calendar: BusinessCalen
     filters by team and created_at serves both; None if the calendar had no open time to
     measure over.
     """
-    session.flush()  # the queries below read the tables directly
-    conn = session.connection()
     params = {"team": team, "since": now - window, "now": now}
     # Converting each answered ticket to business seconds is the costly part, and it is the
     # same for every new ticket until an answer arrives or one leaves the window: keep it,

@@ -94,7 +94,7 @@ class Desk:
             s.flush()
             team_cfg = self.settings.team_by_name(ticket.team)
             assert team_cfg is not None
-            outcome = plan_ack(s, settings=self.settings, team=team_cfg, ticket=ticket,
+            outcome = plan_ack(s.connection(), settings=self.settings, team=team_cfg, ticket=ticket,
                                article=article, customer=customer, parsed=parsed,
                                envelope_sender=envelope_sender, now=now, clock=self.clock,
                                language=language)

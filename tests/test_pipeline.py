@@ -330,6 +330,38 @@ def test_hooks_share_the_rows_routing_wrote_and_their_changes_are_stored(
     assert [c.name for c in all_of(store, Customer)] == ["Alice Changed"]
 
 
+def test_hooks_that_only_change_the_rows_routing_wrote_need_no_session(store: Store) -> None:
+    """A new ticket's hooks (assignment, the ack's promise, the SLA clocks) read and set
+    the ticket, article and customer routing wrote: no ORM session is opened for them, and
+    what they set is written all the same."""
+    from router.hooks import default_hooks
+
+    sessions: list[Any] = []
+
+    def setting(conn: Any, handled: Handled) -> None:
+        ticket = handled.get(Ticket, handled.ticket_id)
+        customer = handled.get(Customer, handled.customer.id)
+        assert ticket is not None and customer is not None
+        ticket.tags = ["checked"]
+        customer.name = "Alice Changed"
+
+    def spy(conn: Any, handled: Handled) -> None:
+        sessions.append(handled._session)
+
+    store.accept(make_mail(subject="rows in hand"))
+    pipeline = store.new_pipeline(hooks=[*default_hooks(), setting, spy])
+    try:
+        assert pipeline.drain() == 1
+    finally:
+        pipeline.close()
+    assert sessions == [None]
+    [ticket] = all_of(store, Ticket)
+    # The ack's promise and the SLA hook's next due time, set on the detached ticket.
+    assert ticket.promised_at is not None and ticket.next_due_at is not None
+    assert ticket.tags == ["checked"]
+    assert [c.name for c in all_of(store, Customer)] == ["Alice Changed"]
+
+
 def test_a_batch_is_bounded_in_bytes_as_well_as_in_messages(store: Store) -> None:
     small = [make_mail(subject=f"small {i}", message_id=f"<small.{i}@example.org>")
              for i in range(3)]
@@ -598,7 +630,7 @@ def test_a_reopened_ticket_counts_in_the_backlog_of_the_promises_after_it(
             team = store.settings.team_by_name("support")
             assert team is not None and b.promised_at is not None
             calendar = BusinessCalendar.cached_for_team(team)
-            samples, rate = turnaround.answered(s, "support", b.created_at, calendar,
+            samples, rate = turnaround.answered(s.connection(), "support", b.created_at, calendar,
                                                 timedelta(days=28))
 
             def promised(backlog: int) -> datetime:
