@@ -1,6 +1,6 @@
 """Pipeline benchmark: how fast stored mail becomes routed tickets, with nothing else running.
 
-    python bench/pipeline.py [-n 2000] [--ack] [--profile]
+    python bench/pipeline.py [-n 2000] [--ack] [--profile | --instructions]
 
 Stores N messages of `bench/intake.py`'s mix (same sizes, same share of replies) through the
 durable intake path, then times the pipeline with every hook `router serve` runs (rules,
@@ -8,6 +8,12 @@ language, tone, SLA clocks, assignment, notifications; acknowledgements with `--
 all are routed. Prints messages/s, CPU ms per message, and with `--profile` the functions
 that cost most. Use it to see where the pipeline's time goes; `bench/intake.py` measures it
 under intake load.
+
+Times on these machines move by a fifth from one run to the next. `--instructions` counts
+instead: it runs the benchmark for N and for 2N messages under valgrind's callgrind and
+prints the CPU instructions per message (the difference over N, so start-up cancels out),
+which stay the same whatever else the machine does. Use it to compare two commits; it takes
+a few minutes (callgrind runs Python about fifty times slower).
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import multiprocessing
+import os
 import pstats
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +51,8 @@ from router.pipeline import Pipeline  # noqa: E402
 
 
 def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
-        db_url: str | None = None, profile_out: str | None = None, workers: int = 1) -> None:
+        db_url: str | None = None, profile_out: str | None = None, workers: int = 1,
+        whole_batches: bool = False) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
@@ -72,6 +83,10 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
             _run_workers(url, settings, batch, workers, n)
             return
         pipe = Pipeline(url, lambda: settings, batch_size=batch, hooks=default_hooks())
+        if whole_batches:
+            # A batch per write transaction, not a slice of time: under callgrind a slice
+            # would hold one message, and the count would be of commits.
+            pipe.lock_slice = float("inf")
         pipe.warm_up()
         prof = cProfile.Profile() if profile else None
         t0, c0 = time.perf_counter(), time.process_time()
@@ -135,6 +150,39 @@ def _run_workers(url: str, settings: config.Settings, batch: int, workers: int,
           f"was routed: {sum(r[3] for r in results)} times)")
 
 
+_TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.M)
+
+
+def instructions(n: int, seed: int, ack: bool, batch: int) -> None:
+    """Instructions per routed message: callgrind's totals for N and 2N messages, run side
+    by side, their difference over N. Hash seed fixed, transactions by batch: the same
+    commit counts the same."""
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions runs valgrind, which is not installed (apt install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="router-pipebench-cg-") as tmp:
+        runs = []
+        for k in (n, 2 * n):
+            out = Path(tmp) / f"callgrind.{k}"
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                   sys.executable, __file__, "-n", str(k), "--seed", str(seed),
+                   "--batch", str(batch), "--whole-batches", *(["--ack"] if ack else [])]
+            runs.append((k, out, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONHASHSEED": "0"})))
+        totals: dict[int, int] = {}
+        for k, out, proc in runs:
+            output, errors = proc.communicate()
+            found = _TOTAL.search(out.read_bytes()) if out.exists() else None
+            if proc.returncode != 0 or found is None:
+                sys.exit(f"callgrind run of {k} messages failed (exit {proc.returncode}):\n"
+                         f"{output[-1000:]}{errors[-2000:]}")
+            totals[k] = int(found.group(1))
+            print(f"under callgrind: {output.strip().splitlines()[-1]}")
+    per = (totals[2 * n] - totals[n]) / n
+    print(f"{per / 1e6:.3f} M instructions per message (storing and routing it), from "
+          f"{n} and {2 * n} messages: {totals[n]:,} and {totals[2 * n]:,} in all")
+
+
 def _empty(url: str) -> None:
     from sqlalchemy import create_engine
 
@@ -155,11 +203,20 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-out", metavar="FILE",
                     help="with --profile: also save the pstats data to FILE")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count CPU instructions per message under callgrind (N and 2N "
+                    "messages) instead of timing: repeatable on a busy machine")
+    ap.add_argument("--whole-batches", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--db", help="a scratch database URL instead of a temporary SQLite file "
                     "(PostgreSQL: it is emptied first)")
     args = ap.parse_args()
+    if args.instructions:
+        if args.profile or args.db or args.workers != 1:
+            ap.error("--instructions counts one worker on SQLite, without --profile")
+        instructions(args.messages, args.seed, args.ack, args.batch)
+        return
     run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db,
-        args.profile_out, args.workers)
+        args.profile_out, args.workers, args.whole_batches)
 
 
 if __name__ == "__main__":

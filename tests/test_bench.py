@@ -127,3 +127,17 @@ def test_smtpload_retries_three_times_then_counts_failed(tmp_path: Path) -> None
     summary, latencies = _load_against(handler, tmp_path, 2, messages)
     assert (summary["ok"], summary["failed"], handler.rejected) == (5, 1, 3)
     assert len(latencies) == 5 and len(handler.received) == 5
+
+
+@pytest.mark.slow
+def test_pipeline_bench_counts_instructions() -> None:
+    """`--instructions`: two runs under callgrind, their totals' difference per message."""
+    res = _run(str(REPO / "bench" / "pipeline.py"), "-n", "3", "--instructions")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [ln.split(":")[1].split(" routed")[0].strip() for ln in lines[:2]] == [
+        "3 messages", "6 messages"]
+    per = float(lines[-1].split(" M instructions per message")[0])
+    # Routing a message runs the parser, the classifier and a dozen statements: far more
+    # than a hundred thousand instructions, far fewer than a billion.
+    assert 0.1 < per < 1000, res.stdout
