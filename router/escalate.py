@@ -176,8 +176,8 @@ def step_key(team: Team, step: EscalationStep) -> str:
 FiredKeys = set[tuple[str, int, str]]
 
 
-def fired_keys(session: Session, ticket_id: int) -> FiredKeys:
-    rows = fastsql.execute(session.connection(), _FIRED_KEYS, {"ticket_id": ticket_id}).all()
+def fired_keys(conn: Connection, ticket_id: int) -> FiredKeys:
+    rows = fastsql.execute(conn, _FIRED_KEYS, {"ticket_id": ticket_id}).all()
     return {(c, n, s) for c, n, s in rows}
 
 
@@ -215,18 +215,24 @@ def reschedule(session: Session, ticket: Ticket, settings: Settings, *,
         # The team left the config: nothing to count against; show it, don't escalate it.
         ticket.next_due_at = None
     else:
-        for c in clocks.values():
-            deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
-            # Assigning an equal value would still make the flush inspect the clock.
-            if deadline != c.deadline_at:
-                c.deadline_at = deadline
-            session.add(c)
-        if fired is None:
-            fired = fired_keys(session, ticket.id)
-        pending = plan(clocks, team, fired)
-        ticket.next_due_at = pending[0].due_at if pending else None
+        session.add_all(clocks.values())
+        replan(ticket, team, clocks, fired_keys(session.connection(), ticket.id)
+               if fired is None else fired)
     session.add(ticket)
     return ticket.next_due_at
+
+
+def replan(ticket: Ticket, team: Team, clocks: Mapping[str, SlaClock],
+           fired: FiredKeys) -> None:
+    """Set the clocks' deadlines and `ticket.next_due_at` from them, on the objects alone:
+    writing them is the caller's."""
+    for c in clocks.values():
+        deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
+        # Assigning an equal value would still mark the column changed, to be written.
+        if deadline != c.deadline_at:
+            c.deadline_at = deadline
+    pending = plan(clocks, team, fired)
+    ticket.next_due_at = pending[0].due_at if pending else None
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -290,10 +296,10 @@ class SlaHook:
         elif handled.customer.email in our_addresses(settings):
             return  # staff writing on the thread (e.g. answering a notification): no clock
         else:
-            # A reply's clocks are rows of their own, changed in place: the ORM session's.
-            session = handled.session()
-            clocks = sla.customer_reply(session, ticket, team, handled.now)
-            reschedule(session, ticket, settings, clocks=clocks)
+            clocks = sla.customer_reply(conn, ticket, team, handled.now)
+            for c in clocks.values():
+                handled.hold(c)  # what is set on them is written with the ticket
+            replan(ticket, team, clocks, fired_keys(conn, ticket.id))
 
 
 sla_hook = SlaHook()

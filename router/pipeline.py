@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, select, update
+from sqlalchemy.orm import class_mapper
 from sqlmodel import Session
 
 from router import agentmail, fastsql, learn, log
@@ -101,9 +102,14 @@ class Handled:
 
     def know(self, model: type[T], values: dict[str, Any]) -> None:
         """Routing just wrote (or read back) this row: hooks get it from `values` rather than
-        by a query. It joins the session, unchanged, when a hook first asks for it."""
-        obj = loaded(model, values)
-        self._rows[(model, values["id"])] = obj
+        by a query (`get`)."""
+        self.hold(loaded(model, values))
+
+    def hold(self, obj: Any) -> None:
+        """A row of no session (`models.loaded`) that hooks may change: `finish` writes
+        what they set on it. It joins the session when a hook opens one."""
+        identity = inspect(obj).identity
+        self._rows[(type(obj), identity[0] if len(identity) == 1 else identity)] = obj
         if self._session is not None:
             self._session.add(obj)
         else:
@@ -123,9 +129,11 @@ class Handled:
             self._detached.clear()
         return self._session
 
-    def get(self, model: type[T], ident: int) -> T | None:
-        """The row routing wrote (`know`), with no session: a hook that only reads it and
-        sets its columns needs none, and `finish` writes what it set. Any other row through
+    def get(self, model: type[T], ident: Any) -> T | None:
+        """A row routing wrote (`know`) or a hook holds (`hold`), with no session: a hook
+        that only reads it and sets its columns needs none, and `finish` writes what it
+        set. `ident`: the primary key (a tuple when it has several columns). Any other row
+        through
         `session().get`, held here: the session's identity map is weak, and a row no hook
         changed would otherwise be loaded again by the next hook."""
         key = (model, ident)
@@ -136,21 +144,23 @@ class Handled:
     def finish(self) -> None:
         """The hooks are done: write their rows (the routing transaction commits them)."""
         # The rows routing wrote are the ones every hook changes (the ticket's promise and
-        # next due time, mostly): an UPDATE of their changed columns costs a fraction of
-        # the unit of work's flush. They may never have joined a session (`get`): the ORM
-        # tracks what is set on a detached row as on a persistent one. Anything else the
-        # hooks did goes out in the session's flush.
+        # next due time, mostly), and a reply's SLA clocks: an UPDATE of their changed
+        # columns costs a fraction of the unit of work's flush. They may never have joined
+        # a session (`get`): the ORM tracks what is set on a detached row as on a
+        # persistent one. Anything else the hooks did goes out in the session's flush.
         assert self.conn is not None
         session = self._session
-        for (model, ident), obj in self._rows.items():
+        for (model, _ident), obj in self._rows.items():
             if obj is None:
                 continue
             state = inspect(obj)
             if state.key is None or not state.committed_state:
                 continue
             changes = {key: state.dict[key] for key in state.committed_state}
-            fastsql.execute(self.conn, _update_by_id(model, tuple(sorted(changes))),
-                            {"row_id": ident, **{f"v_{k}": v for k, v in changes.items()}})
+            update, keys = _update_by_key(model, tuple(sorted(changes)))
+            fastsql.execute(self.conn, update, {
+                **{f"k_{k}": v for k, v in zip(keys, state.identity, strict=True)},
+                **{f"v_{k}": v for k, v in changes.items()}})
             if session is not None and state.session_id == session.hash_key:
                 session.expunge(obj)  # the flush below need not look at it again
         if session is not None:
@@ -166,10 +176,14 @@ class Handled:
 
 
 @lru_cache(maxsize=64)
-def _update_by_id(model: type, columns: tuple[str, ...]) -> Any:
+def _update_by_key(model: type, columns: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
+    """UPDATE of `columns` of one row by its primary key, and the key's column names (in
+    the order of an identity)."""
     table = table_of(model)
-    return update(table).where(table.c.id == bindparam("row_id")).values(
+    keys = tuple(c.key for c in class_mapper(model).primary_key)
+    stmt = update(table).where(*(table.c[k] == bindparam(f"k_{k}") for k in keys)).values(
         {c: bindparam(f"v_{c}") for c in columns})
+    return stmt, keys
 
 
 CustomerFacts = tuple[bool, tuple[tuple[str, Any], ...], str | None]

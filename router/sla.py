@@ -191,8 +191,9 @@ def _unstop(c: SlaClock, team: Team, now: datetime) -> None:
 
 def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
     """The ticket's clocks, as objects of `session` (changes to them are flushed with it).
-    Read with Core: every customer reply asks, and the ORM query costs three times more.
-    Clocks are only ever written with Core (`_write`), so nothing pending is missed."""
+    Read with Core: the console and the scheduler ask, and the ORM query costs three times
+    more. Clocks are only ever inserted with Core (`insert_fresh`), so nothing pending is
+    missed."""
     out: dict[str, SlaClock] = {}
     for row in fastsql.execute(session.connection(), _SEL_CLOCKS, {"tid": ticket_id}):
         held = session.identity_map.get(identity_key(SlaClock, (row.ticket_id, row.clock)))
@@ -201,6 +202,13 @@ def clocks(session: Session, ticket_id: int) -> dict[str, SlaClock]:
             session.add(held)
         out[row.clock] = held
     return out
+
+
+def detached_clocks(conn: Connection, ticket_id: int) -> dict[str, SlaClock]:
+    """The ticket's clocks as rows of no session: what is set on them is the caller's to
+    write (the pipeline's `Handled.hold`)."""
+    return {row.clock: loaded(SlaClock, dict(row._mapping))
+            for row in fastsql.execute(conn, _SEL_CLOCKS, {"tid": ticket_id})}
 
 
 def fresh(clock: str, team: Team, now: datetime, cycle: int = 0, *,
@@ -223,11 +231,16 @@ def insert_fresh(conn: Connection, ticket_id: int, new: list[FreshClock]) -> Non
         fastsql.execute(conn, _INS_CLOCK, [c.row(ticket_id) for c in new])
 
 
+def _inserted(conn: Connection, ticket_id: int, new: list[FreshClock]) -> list[SlaClock]:
+    """Insert new clocks (`insert_fresh`); they are returned as rows of no session."""
+    insert_fresh(conn, ticket_id, new)
+    return [loaded(SlaClock, c.row(ticket_id)) for c in new]
+
+
 def _write(session: Session, ticket_id: int, new: list[FreshClock]) -> list[SlaClock]:
     """Insert new clocks (`insert_fresh`) and put them in `session`, as objects, for later
     changes. Returns those objects."""
-    insert_fresh(session.connection(), ticket_id, new)
-    written = [loaded(SlaClock, c.row(ticket_id)) for c in new]
+    written = _inserted(session.connection(), ticket_id, new)
     session.add_all(written)
     return written
 
@@ -243,6 +256,12 @@ def _restart(c: SlaClock, team: Team, now: datetime) -> None:
     refresh_deadline(c, team)
 
 
+def _missing(ticket: Ticket, team: Team, now: datetime,
+             have: dict[str, SlaClock]) -> list[FreshClock]:
+    return [c for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
+            if c.clock not in have]
+
+
 def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
                  have: dict[str, SlaClock] | None = None) -> dict[str, SlaClock]:
     """Start a ticket's first_response and resolution clocks at `now`, those it does not
@@ -251,21 +270,22 @@ def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
     transaction."""
     assert ticket.id is not None
     have = dict(clocks(session, ticket.id) if have is None else have)
-    new = [c for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
-           if c.clock not in have]
+    new = _missing(ticket, team, now, have)
     have.update((c.clock, c) for c in _write(session, ticket.id, new))
     return have
 
 
-def customer_reply(session: Session, ticket: Ticket, team: Team,
+def customer_reply(conn: Connection, ticket: Ticket, team: Team,
                    now: datetime) -> dict[str, SlaClock]:
     """A customer wrote on an existing ticket (which the pipeline made new/open again).
-    Returns the ticket's clocks."""
+    Returns the ticket's clocks, rows of no session (`detached_clocks`): the caller writes
+    what this sets on them. Those it had to insert are written already."""
     assert ticket.id is not None
-    have = clocks(session, ticket.id)
+    have = detached_clocks(conn, ticket.id)
     if not have:
         # A ticket from before the clocks existed: start them now rather than never.
-        have = start_ticket(session, ticket, team, now, have=have)
+        have.update((c.clock, c) for c in _inserted(conn, ticket.id,
+                                                    _missing(ticket, team, now, have)))
     if ticket.status not in RUNNING_STATUSES:
         return have
     res = have.get(RESOLUTION)
@@ -278,8 +298,8 @@ def customer_reply(session: Session, ticket: Ticket, team: Team,
         return have
     nxt = have.get(NEXT_RESPONSE)
     if nxt is None:
-        [have[NEXT_RESPONSE]] = _write(session, ticket.id,
-                                       [fresh(NEXT_RESPONSE, team, now, cycle=1)])
+        [have[NEXT_RESPONSE]] = _inserted(conn, ticket.id,
+                                          [fresh(NEXT_RESPONSE, team, now, cycle=1)])
     elif nxt.stopped_at is not None:
         _restart(nxt, team, now)
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select, update
 
 from router import pipeline as pipeline_module
 from router import settings as config
@@ -31,6 +31,7 @@ from router.models import (
     Event,
     Inbound,
     InboundStatus,
+    SlaClock,
     Ticket,
     TicketStatus,
 )
@@ -331,9 +332,10 @@ def test_hooks_share_the_rows_routing_wrote_and_their_changes_are_stored(
 
 
 def test_hooks_that_only_change_the_rows_routing_wrote_need_no_session(store: Store) -> None:
-    """A new ticket's hooks (assignment, the ack's promise, the SLA clocks) read and set
-    the ticket, article and customer routing wrote: no ORM session is opened for them, and
-    what they set is written all the same."""
+    """The hooks of a new ticket and of a reply (assignment, the ack's promise, the SLA
+    clocks) read and set the ticket, article and customer routing wrote, and a reply's
+    clocks: no ORM session is opened for them, and what they set is written all the
+    same."""
     from router.hooks import default_hooks
 
     sessions: list[Any] = []
@@ -348,18 +350,30 @@ def test_hooks_that_only_change_the_rows_routing_wrote_need_no_session(store: St
     def spy(conn: Any, handled: Handled) -> None:
         sessions.append(handled._session)
 
-    store.accept(make_mail(subject="rows in hand"))
+    store.accept(make_mail(subject="rows in hand", message_id="<held.1@example.org>"))
     pipeline = store.new_pipeline(hooks=[*default_hooks(), setting, spy])
     try:
         assert pipeline.drain() == 1
+        [ticket] = all_of(store, Ticket)
+        # The ack's promise and the SLA hook's next due time, set on the detached ticket.
+        assert ticket.promised_at is not None and ticket.next_due_at is not None
+        assert ticket.tags == ["checked"]
+        assert [c.name for c in all_of(store, Customer)] == ["Alice Changed"]
+        with store.session() as s:
+            s.exec(update(SlaClock).where(col(SlaClock.ticket_id) == ticket.id).values(
+                running_since=None, deadline_at=None))  # paused, as while pending
+            s.commit()
+        store.accept(make_mail(subject="Re: rows in hand", message_id="<held.2@example.org>",
+                               in_reply_to="<held.1@example.org>"))
+        assert pipeline.drain() == 1
     finally:
         pipeline.close()
-    assert sessions == [None]
-    [ticket] = all_of(store, Ticket)
-    # The ack's promise and the SLA hook's next due time, set on the detached ticket.
-    assert ticket.promised_at is not None and ticket.next_due_at is not None
-    assert ticket.tags == ["checked"]
-    assert [c.name for c in all_of(store, Customer)] == ["Alice Changed"]
+    assert sessions == [None, None]
+    # The reply resumed the clocks: set on rows of no session, written all the same.
+    with store.session() as s:
+        clocks = {c.clock: c for c in s.exec(select(SlaClock)).all()}
+    assert {name: c.running_since is not None and c.deadline_at is not None
+            for name, c in clocks.items()} == {"first_response": True, "resolution": True}
 
 
 def test_a_batch_is_bounded_in_bytes_as_well_as_in_messages(store: Store) -> None:
