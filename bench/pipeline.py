@@ -11,9 +11,10 @@ under intake load.
 
 Times on these machines move by a fifth from one run to the next. `--instructions` counts
 instead: it runs the benchmark for N and for 2N messages under valgrind's callgrind and
-prints the CPU instructions per message (the difference over N, so start-up cancels out),
-which stay the same whatever else the machine does. Use it to compare two commits; it takes
-a few minutes (callgrind runs Python about fifty times slower).
+prints the CPU instructions per message routed (the difference over N, so start-up cancels
+out, less what making up and storing the messages costs), which stay the same whatever else
+the machine does. Use it to compare two commits; it takes a few minutes (callgrind runs
+Python about fifty times slower).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from router.pipeline import Pipeline  # noqa: E402
 
 def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
         db_url: str | None = None, profile_out: str | None = None, workers: int = 1,
-        whole_batches: bool = False) -> None:
+        whole_batches: bool = False, store_only: bool = False) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
@@ -78,6 +79,9 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
         for i in range(0, len(rows), 500):
             write_rows(engine, stmt, rows[i:i + 500])
         engine.dispose()
+        if store_only:
+            print(f"{n} messages made up and stored")
+            return
 
         if workers > 1:
             _run_workers(url, settings, batch, workers, n)
@@ -154,33 +158,37 @@ _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.M)
 
 
 def instructions(n: int, seed: int, ack: bool, batch: int) -> None:
-    """Instructions per routed message: callgrind's totals for N and 2N messages, run side
-    by side, their difference over N. Hash seed fixed, transactions by batch: the same
-    commit counts the same."""
+    """Instructions per routed message. Callgrind's totals for N and 2N messages, their
+    difference over N, once routing them and once only making them up and storing them
+    (the benchmark's own work, which the first includes): routing is what the first has
+    more. Hash seed fixed, transactions by batch: the same commit counts the same."""
     if shutil.which("valgrind") is None:
         sys.exit("--instructions runs valgrind, which is not installed (apt install valgrind)")
+    totals: dict[tuple[str, int], int] = {}
     with tempfile.TemporaryDirectory(prefix="router-pipebench-cg-") as tmp:
-        runs = []
-        for k in (n, 2 * n):
-            out = Path(tmp) / f"callgrind.{k}"
-            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                   sys.executable, __file__, "-n", str(k), "--seed", str(seed),
-                   "--batch", str(batch), "--whole-batches", *(["--ack"] if ack else [])]
-            runs.append((k, out, subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env={**os.environ, "PYTHONHASHSEED": "0"})))
-        totals: dict[int, int] = {}
-        for k, out, proc in runs:
-            output, errors = proc.communicate()
-            found = _TOTAL.search(out.read_bytes()) if out.exists() else None
-            if proc.returncode != 0 or found is None:
-                sys.exit(f"callgrind run of {k} messages failed (exit {proc.returncode}):\n"
-                         f"{output[-1000:]}{errors[-2000:]}")
-            totals[k] = int(found.group(1))
-            print(f"under callgrind: {output.strip().splitlines()[-1]}")
-    per = (totals[2 * n] - totals[n]) / n
-    print(f"{per / 1e6:.3f} M instructions per message (storing and routing it), from "
-          f"{n} and {2 * n} messages: {totals[n]:,} and {totals[2 * n]:,} in all")
+        for mode in ("--whole-batches", "--store-only"):
+            runs = []
+            for k in (n, 2 * n):  # side by side: one per core
+                out = Path(tmp) / f"callgrind.{mode}.{k}"
+                cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                       sys.executable, __file__, "-n", str(k), "--seed", str(seed),
+                       "--batch", str(batch), mode, *(["--ack"] if ack else [])]
+                runs.append((k, out, subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env={**os.environ, "PYTHONHASHSEED": "0"})))
+            for k, out, proc in runs:
+                output, errors = proc.communicate()
+                found = _TOTAL.search(out.read_bytes()) if out.exists() else None
+                if proc.returncode != 0 or found is None:
+                    sys.exit(f"callgrind run of {k} messages failed (exit "
+                             f"{proc.returncode}):\n{output[-1000:]}{errors[-2000:]}")
+                totals[mode, k] = int(found.group(1))
+                print(f"under callgrind: {output.strip().splitlines()[-1]}")
+    routed = (totals["--whole-batches", 2 * n] - totals["--whole-batches", n]) / n
+    stored = (totals["--store-only", 2 * n] - totals["--store-only", n]) / n
+    print(f"{(routed - stored) / 1e6:.3f} M instructions per message routed "
+          f"({routed / 1e6:.3f} M with making it up and storing it, {stored / 1e6:.3f} M "
+          f"without routing it), from {n} and {2 * n} messages")
 
 
 def _empty(url: str) -> None:
@@ -207,6 +215,7 @@ def main() -> None:
                     help="count CPU instructions per message under callgrind (N and 2N "
                     "messages) instead of timing: repeatable on a busy machine")
     ap.add_argument("--whole-batches", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--store-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--db", help="a scratch database URL instead of a temporary SQLite file "
                     "(PostgreSQL: it is emptied first)")
     args = ap.parse_args()
@@ -216,7 +225,7 @@ def main() -> None:
         instructions(args.messages, args.seed, args.ack, args.batch)
         return
     run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db,
-        args.profile_out, args.workers, args.whole_batches)
+        args.profile_out, args.workers, args.whole_batches, args.store_only)
 
 
 if __name__ == "__main__":
