@@ -133,9 +133,8 @@ class Handled:
         """A row routing wrote (`know`) or a hook holds (`hold`), with no session: a hook
         that only reads it and sets its columns needs none, and `finish` writes what it
         set. `ident`: the primary key (a tuple when it has several columns). Any other row
-        through
-        `session().get`, held here: the session's identity map is weak, and a row no hook
-        changed would otherwise be loaded again by the next hook."""
+        through `session().get`, held here: the session's identity map is weak, and a row
+        no hook changed would otherwise be loaded again by the next hook."""
         key = (model, ident)
         if key not in self._rows:
             self._rows[key] = self.session().get(model, ident)

@@ -225,8 +225,7 @@ def opening(team: Team, now: datetime, *, running: bool) -> list[FreshClock]:
 
 def insert_fresh(conn: Connection, ticket_id: int, new: list[FreshClock]) -> None:
     """Write new clocks with Core, in one statement (the unit of work costs more than the
-    rows). Alone, for a ticket whose clocks nothing else in the transaction changes (one
-    just opened); `_write` also puts them in an ORM session."""
+    rows)."""
     if new:
         fastsql.execute(conn, _INS_CLOCK, [c.row(ticket_id) for c in new])
 
@@ -235,14 +234,6 @@ def _inserted(conn: Connection, ticket_id: int, new: list[FreshClock]) -> list[S
     """Insert new clocks (`insert_fresh`); they are returned as rows of no session."""
     insert_fresh(conn, ticket_id, new)
     return [loaded(SlaClock, c.row(ticket_id)) for c in new]
-
-
-def _write(session: Session, ticket_id: int, new: list[FreshClock]) -> list[SlaClock]:
-    """Insert new clocks (`insert_fresh`) and put them in `session`, as objects, for later
-    changes. Returns those objects."""
-    written = _inserted(session.connection(), ticket_id, new)
-    session.add_all(written)
-    return written
 
 
 def _restart(c: SlaClock, team: Team, now: datetime) -> None:
@@ -256,25 +247,6 @@ def _restart(c: SlaClock, team: Team, now: datetime) -> None:
     refresh_deadline(c, team)
 
 
-def _missing(ticket: Ticket, team: Team, now: datetime,
-             have: dict[str, SlaClock]) -> list[FreshClock]:
-    return [c for c in opening(team, now, running=ticket.status in RUNNING_STATUSES)
-            if c.clock not in have]
-
-
-def start_ticket(session: Session, ticket: Ticket, team: Team, now: datetime, *,
-                 have: dict[str, SlaClock] | None = None) -> dict[str, SlaClock]:
-    """Start a ticket's first_response and resolution clocks at `now`, those it does not
-    have (`have`: its clocks, when the caller knows them). Returns the ticket's clocks. The
-    pipeline starts a new ticket's with `opening` instead, worked out before its
-    transaction."""
-    assert ticket.id is not None
-    have = dict(clocks(session, ticket.id) if have is None else have)
-    new = _missing(ticket, team, now, have)
-    have.update((c.clock, c) for c in _write(session, ticket.id, new))
-    return have
-
-
 def customer_reply(conn: Connection, ticket: Ticket, team: Team,
                    now: datetime) -> dict[str, SlaClock]:
     """A customer wrote on an existing ticket (which the pipeline made new/open again).
@@ -284,8 +256,8 @@ def customer_reply(conn: Connection, ticket: Ticket, team: Team,
     have = detached_clocks(conn, ticket.id)
     if not have:
         # A ticket from before the clocks existed: start them now rather than never.
-        have.update((c.clock, c) for c in _inserted(conn, ticket.id,
-                                                    _missing(ticket, team, now, have)))
+        started = opening(team, now, running=ticket.status in RUNNING_STATUSES)
+        have = {c.clock: c for c in _inserted(conn, ticket.id, started)}
     if ticket.status not in RUNNING_STATUSES:
         return have
     res = have.get(RESOLUTION)

@@ -207,6 +207,27 @@ def test_follow_up_before_the_first_answer_does_not_restart_the_clock(desk: Desk
     assert clocks["first_response"].deadline_at == start + timedelta(hours=4)
 
 
+def test_a_reply_on_a_ticket_without_clocks_starts_them(desk: Desk) -> None:
+    """A ticket from before the clocks existed gets them with its next customer mail,
+    running from that mail, and its next escalation due time."""
+    tid = desk.mail()
+    with session_scope(desk.store.engine) as s:
+        for c in s.exec(select(SlaClock).where(SlaClock.ticket_id == tid)).all():
+            s.delete(c)
+        t = s.get(Ticket, tid)
+        assert t is not None
+        t.next_due_at = None
+        s.add(t)
+    desk.later(hours=1)
+    back = desk.clock()
+    assert desk.mail(ticket=tid, body="Still waiting.\n") == tid
+    clocks = desk.clocks(tid)
+    assert sorted(clocks) == ["first_response", "resolution"]
+    assert clocks["first_response"].running_since == back
+    assert clocks["first_response"].deadline_at == back + timedelta(hours=4)
+    assert desk.ticket(tid).next_due_at is not None
+
+
 def test_first_response_after_breach_is_recorded_as_breached(desk: Desk) -> None:
     tid = desk.mail()
     desk.later(hours=5)
