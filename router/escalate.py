@@ -227,10 +227,7 @@ def replan(ticket: Ticket, team: Team, clocks: Mapping[str, SlaClock],
     """Set the clocks' deadlines and `ticket.next_due_at` from them, on the objects alone:
     writing them is the caller's."""
     for c in clocks.values():
-        deadline = sla.due_at(c, sla.meter_for(team), sla.target_seconds(team, c.clock))
-        # Assigning an equal value would still mark the column changed, to be written.
-        if deadline != c.deadline_at:
-            c.deadline_at = deadline
+        sla.refresh_deadline(c, team)
     pending = plan(clocks, team, fired)
     ticket.next_due_at = pending[0].due_at if pending else None
 

@@ -153,7 +153,10 @@ def due_at(c: ClockState, meter: Meter, offset: float) -> datetime | None:
 
 
 def refresh_deadline(c: SlaClock, team: Team) -> None:
-    c.deadline_at = due_at(c, meter_for(team), target_seconds(team, c.clock))
+    deadline = due_at(c, meter_for(team), target_seconds(team, c.clock))
+    # Assigning an equal value would still mark the column changed, to be written.
+    if deadline != c.deadline_at:
+        c.deadline_at = deadline
 
 
 def _pause(c: SlaClock, team: Team, now: datetime) -> None:
