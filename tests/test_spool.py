@@ -21,8 +21,16 @@ from router import db
 from router import settings as config
 from router.hooks import default_hooks
 from router.intake import spool as spool_module
-from router.intake.accept import Acceptor, Envelope, accept_sync
-from router.intake.spool import T_SPOOLED, Spool, SpoolMover, spool_file, spool_files, unmoved
+from router.intake.accept import Acceptor, Envelope, _row, accept_sync
+from router.intake.spool import (
+    SPOOL_COLUMNS,
+    T_SPOOLED,
+    Spool,
+    SpoolMover,
+    spool_file,
+    spool_files,
+    unmoved,
+)
 from router.models import T_SPOOL_CURSOR, InboundStatus, Ticket
 from router.pipeline import Pipeline
 from tests.conftest import write_config
@@ -495,4 +503,33 @@ def test_the_next_file_is_made_ahead_and_the_full_one_closed_aside(
         assert mover.move() == 2
         mover.move()
     assert [f.number for f in spool_files(url)] == [2, 3]  # 1 was sealed, so it could go
+    spool.close()
+
+
+def test_a_commit_into_a_spool_is_one_statement(url: str) -> None:
+    """Intake's writer thread takes the GIL back from the event loop after every call into
+    SQLite, and on a busy machine each time costs a wait that every sender of the batch
+    waits too: a batch is one INSERT, which SQLite commits by itself (no BEGIN, no COMMIT).
+    A batch larger than one statement takes is still one transaction. What is stored reads
+    back as written."""
+    spool = _spool_at(url)
+    statements: list[str] = []
+    with spool.engine.connect() as conn:  # the pool's one connection, which intake uses
+        conn.connection.driver_connection.set_trace_callback(statements.append)
+    envs = [_env(i) for i in range(5)]
+    asyncio.run(_accept(spool, envs))
+    assert len(statements) == 1 and statements[0].startswith("INSERT INTO spooled")
+
+    statements.clear()
+    at = datetime(2026, 11, 23, 8, 30, 15, 123456, tzinfo=UTC)
+    rows = [_row(_env(i, tag="big"), at) for i in range(150)]
+    spool.write(rows)
+    assert [s.split(" (")[0] for s in statements] == [
+        "BEGIN", "INSERT INTO spooled", "INSERT INTO spooled", "INSERT INTO spooled", "COMMIT"]
+    with spool.engine.connect() as conn:
+        stored = conn.execute(select(T_SPOOLED).order_by(T_SPOOLED.c.id)).all()
+    assert len(stored) == 155
+    assert [{k: getattr(r, k) for k in SPOOL_COLUMNS} for r in stored[5:]] == [
+        {k: r[k] for k in SPOOL_COLUMNS} for r in rows]
+    assert [r.raw for r in stored[:5]] == [e.raw for e in envs]
     spool.close()

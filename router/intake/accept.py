@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -105,13 +106,30 @@ class InboundInsert:
 
 
 def _locked(exc: Exception) -> bool:
-    return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
+    """A lock another writer holds (SQLAlchemy's error or, from a DB-API connection used
+    directly, sqlite3's)."""
+    if isinstance(exc, OperationalError):
+        return "locked" in str(exc.orig).lower()
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
 
 
 def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
                lock_wait: float = 10.0) -> None:
     """Commit the rows or raise StorageUnavailable. `stmt`: a statement to execute with the
-    rows, or a callable that writes them on a connection (`InboundInsert`).
+    rows, or a callable that writes them on a connection (`InboundInsert`)."""
+
+    def attempt() -> None:
+        with engine.begin() as conn:
+            if callable(stmt):
+                stmt(conn, rows)
+            else:
+                conn.execute(stmt, rows)
+
+    retry_locked(attempt, lock_wait)
+
+
+def retry_locked(attempt: Callable[[], None], lock_wait: float = 10.0) -> None:
+    """Run `attempt`, one commit, or raise StorageUnavailable.
 
     SQLite's own busy handler sleeps in steps that grow to 100 ms, which would put up to a
     tenth of a second on every sender waiting in this batch whenever another writer holds
@@ -121,11 +139,7 @@ def write_rows(engine: Engine, stmt: Any, rows: list[dict[str, Any]],
     pause = 0.0002
     while True:
         try:
-            with engine.begin() as conn:
-                if callable(stmt):
-                    stmt(conn, rows)
-                else:
-                    conn.execute(stmt, rows)
+            attempt()
             return
         except Exception as exc:  # any failure to commit means "not accepted"
             if _locked(exc) and time.monotonic() < deadline:
