@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,43 @@ async def test_acceptor_stop_answers_the_batch_in_flight(inproc: MakeRouter) -> 
     assert len(await asyncio.to_thread(inbound_rows, r.url)) == 20
 
 
+async def test_the_writer_takes_the_next_batch_without_the_event_loop(
+        inproc: MakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Senders that arrived during a commit are committed as soon as it is done, even while
+    the event loop is busy elsewhere: a busy loop took milliseconds to hand the writer its
+    next batch, which every one of those senders waited out."""
+    r = await inproc()
+    acceptor = r.acceptor
+    first_started, go, second_done = threading.Event(), threading.Event(), threading.Event()
+    real_write = acceptor._write
+    calls = 0
+
+    def write(envs: list[Envelope]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            first_started.set()
+            go.wait(10)  # held until the second message waits behind this commit
+        real_write(envs)
+        if calls == 2:
+            second_done.set()
+
+    monkeypatch.setattr(acceptor, "_write", write)
+    envs = [Envelope("smtp", "a@example.org", ["support@acme.test"],
+                     make_mail(message_id=f"<next-{i}@example.org>")) for i in range(2)]
+    first = asyncio.ensure_future(acceptor.accept(envs[0]))
+    assert await asyncio.to_thread(first_started.wait, 10)
+    second = asyncio.ensure_future(acceptor.accept(envs[1]))
+    await asyncio.sleep(0)  # queued behind the commit in progress
+    go.set()
+    # The loop is blocked from here until the second commit is done; a writer that needs
+    # the loop between commits never gets to it.
+    assert second_done.wait(10), "the second batch waited for the event loop"
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert acceptor.batches == 2
+    assert len(await asyncio.to_thread(inbound_rows, r.url)) == 2
+
+
 # ---------------------------------------------------------------------------- the real daemon
 
 
@@ -511,3 +549,4 @@ async def test_data_in_blocks_answers_and_stores_as_aiosmtpd(
     ours = await _data_replies(RouterSMTP, payload, limit, chunk)
     assert ours == theirs
     assert theirs[0][-1].startswith("221")  # the pipelined QUIT was read as a command
+
