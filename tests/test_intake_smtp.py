@@ -550,3 +550,42 @@ async def test_data_in_blocks_answers_and_stores_as_aiosmtpd(
     assert ours == theirs
     assert theirs[0][-1].startswith("221")  # the pipelined QUIT was read as a command
 
+
+_ADDRESSES = [
+    "<alice@example.org>", "<alice@example.org> SIZE=123", "<Alice@Example.ORG>",
+    "<alice@example.org>  SIZE=1 BODY=8BITMIME", "<alice@example.org>SIZE=1",
+    "<alice@example.org>\tSIZE=1", "<alice@example.org> \x0bSIZE=1", "<alice@example.org>\x0b",
+    "<alice@example.org> ", "<alice@example.org> (a comment) SIZE=1", "<alice@example.org>(c)",
+    "<a.b+spring24@sub.example.org>", "<a/b=c?d^e`f{g|h}i~j!#$%&'*@x-y.z>",
+    "<>", "<> SIZE=1", "alice@example.org", "alice@example.org SIZE=1", " <alice@example.org>",
+    "<a..b@example.org>", "<.a@example.org>", "<a.@example.org>", "<a@example.org.>",
+    "<a@.example.org>", "<a@[127.0.0.1]>", '<"quoted name"@example.org>',
+    "<@relay.example:alice@example.org>", "<alice@example.org", "<alice>", "<@example.org>",
+    "<ålice@example.org>", "<alice@exämple.org>", "<" + "a" * 65 + "@example.org>",
+    "<" + "a" * 64 + "@example.org>", "<alice@example.org>>",
+    "<alice@example.org> <bob@example.org>", "<a(b)@example.org>", "<alice@ex ample.org>",
+    "<alice @example.org>", "<alice@example.org>\r", "<alice@example.org>\u3000SIZE=1",
+]
+
+
+@pytest.mark.parametrize("local_part_limit", [0, 64])
+def test_addresses_are_read_as_aiosmtpd_reads_them(local_part_limit: int) -> None:
+    """MAIL and RCPT addresses of the usual shape are read by a regular expression instead
+    of the email parser: for every address, usual or not, the address and the parameters
+    after it are what stock aiosmtpd makes of them."""
+    from aiosmtpd.smtp import SMTP
+
+    from router.intake.smtp import RouterSMTP
+
+    class Limits:
+        def __init__(self) -> None:
+            self.local_part_limit = local_part_limit
+
+    def outcome(read: Any, arg: str) -> Any:
+        try:
+            return read(Limits(), arg)
+        except Exception as exc:  # the same failure counts as the same reading
+            return type(exc)
+
+    for arg in _ADDRESSES:
+        assert outcome(RouterSMTP._getaddr, arg) == outcome(SMTP._getaddr, arg), arg

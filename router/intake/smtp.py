@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -55,16 +56,30 @@ class _CheapInspect:
 aiosmtpd_smtp.inspect = _CheapInspect()  # type: ignore[assignment]
 
 
+# The address almost every MAIL and RCPT carries, <local@domain> of dot-atoms in ASCII: read
+# by a regular expression, for the same result as the email parser's, which costs a tenth of
+# the event loop's time per message. Anything else goes to that parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)>")
+
+
 class _FastAddr:
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if not arg:
             return "", ""
-        try:
-            parser = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-            token, rest = parser(arg)
-        except HeaderParseError:
-            return None, None
-        addr = token.addr_spec
+        plain = _PLAIN_ANGLE_ADDR.match(arg)
+        rest = arg[plain.end():] if plain is not None else ""
+        if rest[:1] in (" ", "\t"):
+            rest = rest.lstrip()  # the parser's CFWS after the address: all whitespace
+        if plain is not None and not rest.startswith("("):
+            addr = plain.group(1)
+        else:
+            try:
+                parser = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+                token, rest = parser(arg)
+            except HeaderParseError:
+                return None, None
+            addr = token.addr_spec
         local_limit = getattr(self, "local_part_limit", 0)
         if local_limit and len(addr.rpartition("@")[0]) > local_limit:
             return None, None
