@@ -10,11 +10,11 @@ that cost most. Use it to see where the pipeline's time goes; `bench/intake.py` 
 under intake load.
 
 Times on these machines move by a fifth from one run to the next. `--instructions` counts
-instead: it runs the benchmark for N and for 2N messages under valgrind's callgrind and
-prints the CPU instructions per message routed (the difference over N, so start-up cancels
-out, less what making up and storing the messages costs), which stay the same whatever else
-the machine does. Use it to compare two commits; it takes a few minutes (callgrind runs
-Python about fifty times slower).
+instead: it runs the benchmark for N and for 2N messages under valgrind's callgrind, counting
+only while the pipeline routes, and prints the CPU instructions per message routed (the
+difference over N, so what routing costs once per run cancels out), which stay the same
+whatever else the machine does. Use it to compare two commits; it takes a few minutes
+(callgrind runs Python about fifty times slower while it counts).
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ from router.pipeline import Pipeline  # noqa: E402
 
 def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
         db_url: str | None = None, profile_out: str | None = None, workers: int = 1,
-        whole_batches: bool = False, store_only: bool = False,
-        schema_from: str | None = None) -> None:
+        counted: bool = False, schema_from: str | None = None) -> None:
     log.setup("warning", json=True)  # as bench/intake.py runs the daemon
     with tempfile.TemporaryDirectory(prefix="router-pipebench-") as tmp:
         db = Path(tmp) / "router.db"
@@ -84,16 +83,14 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
                 for s, r, raw in make_messages(n, seed)]
         for i in range(0, len(rows), 500):
             write_rows(engine, stmt, rows[i:i + 500])
+        del rows  # freed now, not while routing is counted
         engine.dispose()
-        if store_only:
-            print(f"{n} messages made up and stored")
-            return
 
         if workers > 1:
             _run_workers(url, settings, batch, workers, n)
             return
         pipe = Pipeline(url, lambda: settings, batch_size=batch, hooks=default_hooks())
-        if whole_batches:
+        if counted:
             # A batch per write transaction, not a slice of time: under callgrind a slice
             # would hold one message, and the count would be of commits.
             pipe.lock_slice = float("inf")
@@ -102,7 +99,11 @@ def run(n: int, seed: int, ack: bool, profile: bool, batch: int,
         t0, c0 = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
+        if counted:
+            _callgrind_counts("on")
         done = pipe.drain(timeout=3600)
+        if counted:
+            _callgrind_counts("off")
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -160,46 +161,58 @@ def _run_workers(url: str, settings: config.Settings, batch: int, workers: int,
           f"was routed: {sum(r[3] for r in results)} times)")
 
 
-_TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.M)
+# "totals", not "summary": with counting switched on during the run, callgrind's summary
+# line says 0.
+_TOTAL = re.compile(rb"^totals: (\d+)", re.M)
 
 
 def instructions(n: int, seed: int, ack: bool, batch: int) -> None:
-    """Instructions per routed message. Callgrind's totals for N and 2N messages, their
-    difference over N, once routing them and once only making them up and storing them
-    (the benchmark's own work, which the first includes): routing is what the first has
-    more. Hash seed fixed, transactions by batch: the same commit counts the same."""
-    if shutil.which("valgrind") is None:
-        sys.exit("--instructions runs valgrind, which is not installed (apt install valgrind)")
-    totals: dict[tuple[str, int], int] = {}
+    """Instructions per routed message: the difference of callgrind's totals for N and 2N
+    messages, over N. Each run counts only while the pipeline drains (callgrind starts with
+    counting off; the run switches it on and off around its drain), so starting Python,
+    migrating, making up and storing the messages are left out, and run at the speed of
+    valgrind's uninstrumented code. Hash seed fixed, transactions by batch: the same commit
+    counts the same."""
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            sys.exit(f"--instructions runs {tool}, which is not installed (apt install "
+                     "valgrind)")
+    totals: dict[int, int] = {}
     with tempfile.TemporaryDirectory(prefix="router-pipebench-cg-") as tmp:
-        # Migrated once, here: under callgrind each run's migration took about a minute,
-        # the same in every run, so it only cancels out of the difference.
+        # Migrated once, outside valgrind: the same in every run, so it would only cancel
+        # out of the difference.
         schema = Path(tmp) / "schema.db"
         upgrade(f"sqlite:///{schema}")
-        for mode in ("--whole-batches", "--store-only"):
-            runs = []
-            for k in (n, 2 * n):  # side by side: one per core
-                out = Path(tmp) / f"callgrind.{mode}.{k}"
-                cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                       sys.executable, __file__, "-n", str(k), "--seed", str(seed),
-                       "--batch", str(batch), mode, "--schema-from", str(schema),
-                       *(["--ack"] if ack else [])]
-                runs.append((k, out, subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    env={**os.environ, "PYTHONHASHSEED": "0"})))
-            for k, out, proc in runs:
-                output, errors = proc.communicate()
-                found = _TOTAL.search(out.read_bytes()) if out.exists() else None
-                if proc.returncode != 0 or found is None:
-                    sys.exit(f"callgrind run of {k} messages failed (exit "
-                             f"{proc.returncode}):\n{output[-1000:]}{errors[-2000:]}")
-                totals[mode, k] = int(found.group(1))
-                print(f"under callgrind: {output.strip().splitlines()[-1]}")
-    routed = (totals["--whole-batches", 2 * n] - totals["--whole-batches", n]) / n
-    stored = (totals["--store-only", 2 * n] - totals["--store-only", n]) / n
-    print(f"{(routed - stored) / 1e6:.3f} M instructions per message routed "
-          f"({routed / 1e6:.3f} M with making it up and storing it, {stored / 1e6:.3f} M "
-          f"without routing it), from {n} and {2 * n} messages")
+        runs = []
+        for k in (n, 2 * n):  # side by side: one per core
+            out = Path(tmp) / f"callgrind.{k}"
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                   f"--callgrind-out-file={out}", sys.executable, __file__, "-n", str(k),
+                   "--seed", str(seed), "--batch", str(batch), "--counted",
+                   "--schema-from", str(schema), *(["--ack"] if ack else [])]
+            runs.append((k, out, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONHASHSEED": "0"})))
+        for k, out, proc in runs:
+            output, errors = proc.communicate()
+            found = _TOTAL.search(out.read_bytes()) if out.exists() else None
+            if proc.returncode != 0 or found is None:
+                sys.exit(f"callgrind run of {k} messages failed (exit "
+                         f"{proc.returncode}):\n{output[-1000:]}{errors[-2000:]}")
+            totals[k] = int(found.group(1))
+            print(f"under callgrind: {output.strip().splitlines()[-1]}")
+    routed = (totals[2 * n] - totals[n]) / n
+    print(f"{routed / 1e6:.3f} M instructions per message routed, from {n} and {2 * n} "
+          "messages")
+
+
+def _callgrind_counts(state: str) -> None:
+    """Callgrind's counting switched on or off for this process (it runs under valgrind)."""
+    done = subprocess.run(["callgrind_control", "--instr=" + state, str(os.getpid())],
+                          capture_output=True, text=True)
+    if done.returncode != 0 or "OK." not in done.stdout:
+        sys.exit(f"callgrind_control --instr={state} failed (exit {done.returncode}):\n"
+                 f"{done.stdout}{done.stderr}")
 
 
 def _copy_database(source: Path, target: Path) -> None:
@@ -232,8 +245,7 @@ def main() -> None:
     ap.add_argument("--instructions", action="store_true",
                     help="count CPU instructions per message under callgrind (N and 2N "
                     "messages) instead of timing: repeatable on a busy machine")
-    ap.add_argument("--whole-batches", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--store-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)  # callgrind
     ap.add_argument("--schema-from", help=argparse.SUPPRESS)  # a migrated SQLite file
     ap.add_argument("--db", help="a scratch database URL instead of a temporary SQLite file "
                     "(PostgreSQL: it is emptied first)")
@@ -244,8 +256,7 @@ def main() -> None:
         instructions(args.messages, args.seed, args.ack, args.batch)
         return
     run(args.messages, args.seed, args.ack, args.profile, args.batch, args.db,
-        args.profile_out, args.workers, args.whole_batches, args.store_only,
-        args.schema_from)
+        args.profile_out, args.workers, args.counted, args.schema_from)
 
 
 if __name__ == "__main__":

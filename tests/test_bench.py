@@ -131,14 +131,15 @@ def test_smtpload_retries_three_times_then_counts_failed(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_pipeline_bench_counts_instructions() -> None:
-    """`--instructions`: runs under callgrind, their totals' difference per message."""
+    """`--instructions`: runs under callgrind, counting only while the pipeline routes, and
+    prints the totals' difference per message."""
     res = _run(str(REPO / "bench" / "pipeline.py"), "-n", "3", "--instructions")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("under callgrind: 3 messages routed in")
     assert lines[1].startswith("under callgrind: 6 messages routed in")
-    assert lines[2:4] == ["under callgrind: 3 messages made up and stored",
-                          "under callgrind: 6 messages made up and stored"]
-    # Three messages are too few for a figure worth checking (the checkpoint thread runs by
-    # the clock): that it is worked out and printed is what this test holds.
-    float(lines[4].split(" M instructions per message routed")[0])
+    figure = float(lines[2].split(" M instructions per message routed")[0])
+    # About 11 M at three messages (6 M at three hundred: what routing costs once per batch
+    # weighs more). Wide bounds, for any change to routing; they catch a count that was
+    # never switched on, or read from callgrind's summary line, which is then 0.
+    assert 1 < figure < 100, figure
