@@ -480,10 +480,32 @@ def _mailbox(addr: str) -> str | None:
     return f"{local}@{domain.lower()}"
 
 
+# One mailbox of the usual shapes, of dot-atoms: `local@domain`, `<local@domain>`, `Display
+# Name <local@domain>` (atoms apart by spaces, which are read as one; encoded words are
+# atoms) or `"Display Name" <local@domain>`. Anything else (comments, groups, quoted pairs, a
+# dot in an unquoted name, tabs, non-ASCII) is left to the email package.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_MAILBOX = (rf'(?:(?P<atoms>{_ATEXT}(?: +{_ATEXT})*) *|"(?P<quoted>[^"\\\x00-\x1f\x7f]*)" *)?'
+            rf"<(?P<angled>{_ADDR_SPEC})>|(?P<bare>{_ADDR_SPEC})")
+_MAILBOX_RE = re.compile(_MAILBOX)
+_UNNAMED = re.sub(r"\?P<\w+>", "?:", _MAILBOX)
+_MAILBOX_LIST_RE = re.compile(rf" *(?:{_UNNAMED})(?: *, *(?:{_UNNAMED}))* *")
+
+
+def _getaddresses(value: str) -> list[tuple[str, str]]:
+    """`email.utils.getaddresses([value])`, read by a regular expression when `value` is a
+    list of mailboxes of the usual shapes: 2 us a header here, the email package 10 us."""
+    if _MAILBOX_LIST_RE.fullmatch(value) is None:
+        return email_utils.getaddresses([value])
+    return [(" ".join(m["atoms"].split()) if m["atoms"] else m["quoted"] or "",
+             m["angled"] or m["bare"]) for m in _MAILBOX_RE.finditer(value)]
+
+
 def _addresses(value: str, where: str, defects: _Defects) -> list[tuple[str, str]]:
     """(display name, address) pairs; names decoded, unusable entries dropped."""
     try:
-        pairs = email_utils.getaddresses([value])
+        pairs = _getaddresses(value)
     except Exception as exc:
         defects.add(f"{where}: unparseable address list ({type(exc).__name__})")
         return []

@@ -653,3 +653,57 @@ def test_helpers_never_raise(value: str) -> None:
     assert tag is None or tag
     result = msgid_normalize(value)
     assert result is None or (result.startswith("<") and result.endswith(">"))
+
+
+# Header values of the usual shapes, which `mail._getaddresses` reads by a regular expression,
+# and near misses, which it leaves to the email package.
+_USUAL_ADDRESSES = [
+    "support@acme.example", "<support@acme.example>", "Ann Example <ann@example.net>",
+    "Ann<ann@example.net>", "Ann   Example   <ann@example.net>", '"Doe, John" <j@x.org>',
+    '"  spaced  " <a@b.c>', '"" <a@b.c>', "O'Brien <o.brien@ie.example>",
+    "=?utf-8?q?J=C3=B6rg?= <joerg@de.example>", "=?utf-8?b?SsO2cmc=?= <j+tag@de.example>",
+    "a@b.c, d@e.f", ' a@b.c ,"Q, R" <q@r.s>,T U <t@u.v> ', "x-y_z!#$%&'*+/=?^`{|}~@a-b.c",
+]
+_UNUSUAL_ADDRESSES = [
+    "", " ", "Ann Example", "Ann Example <>", "John Q. Public <jqp@x.org>",
+    "ann@example.net (Ann Example)", "(comment) <a@b.c>", '"a\\"b" <a@b.c>', '"a\\b" <a@b.c>',
+    '"quoted local"@x.org', "a@[192.0.2.1]", "a@b.", ".a@b.c", "a..b@c.d",
+    "undisclosed-recipients:;", "group: a@b.c, d@e.f;", "<@relay.example:a@b.c>",
+    "Jörg <joerg@de.example>", "joerg@dé.example", "Ann\tExample <a@b.c>", "a@b.c,, d@e.f",
+    "a@b.c,", ",a@b.c", "<a@b.c> trailing", "Ann <a@b.c", "Ann a@b.c>", "a@b@c.d",
+    '"unterminated <a@b.c>', "Ann <a@b.c> <d@e.f>", "a b@c.d",
+]
+
+
+@pytest.mark.parametrize("value", _USUAL_ADDRESSES + _UNUSUAL_ADDRESSES)
+def test_address_lists_are_read_as_the_email_package_reads_them(value: str) -> None:
+    from email.utils import getaddresses
+
+    assert (mail._MAILBOX_LIST_RE.fullmatch(value) is not None) == (value in _USUAL_ADDRESSES)
+    assert mail._getaddresses(value) == getaddresses([value])
+
+
+def _pieces(usual: list[str], unusual: list[str]) -> st.SearchStrategy[str]:
+    # Usual pieces six times as likely: the regular expression must be tried often.
+    return st.lists(st.sampled_from(usual * 6 + unusual), min_size=1, max_size=4).map("".join)
+
+
+# Mailboxes mostly of the usual shapes, with now and then a character that makes them not.
+_WORDS = _pieces(["ann", "Ex", "x-y", "O'B", "=?utf-8?q?J=C3=B6rg?=", " ", "  "],
+                 [".", "\t", "ö", "(", ")", "@", ",", '"', "\\", ":", "<"])
+_ADDR = st.builds("{}@{}".format, _pieces(["a", "b.c", "+t"], [".", '"', " ", "ö", "@"]),
+                  _pieces(["ex", ".org", "-b"], [".", "[1.2.3.4]", "é", " "]))
+_MAILBOXES = st.one_of(
+    _ADDR, _ADDR.map("<{}>".format), st.builds("{} <{}>".format, _WORDS, _ADDR),
+    st.builds('"{}" <{}>'.format, _WORDS, _ADDR), st.builds("{}<{}>".format, _WORDS, _ADDR))
+_ADDRESS_LISTS = st.lists(
+    st.tuples(_MAILBOXES, st.sampled_from([",", " , ", ", ", ",", ",,", ";", " "])),
+    min_size=1, max_size=3).map(lambda pairs: "".join(box + sep for box, sep in pairs)[:-1])
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ADDRESS_LISTS)
+def test_address_lists_read_by_either_way_agree(value: str) -> None:
+    from email.utils import getaddresses
+
+    assert mail._getaddresses(value) == getaddresses([value])
