@@ -1,5 +1,5 @@
 """`router status`: which config the daemon runs, whether the last edit was rejected and why,
-and which changes wait for a restart.
+which changes wait for a restart, and how much accepted mail waits to be routed.
 
 It reads what `router.reload` records in the database (`config_applied` / `config_rejected`
 events with ``ticket_id`` NULL, and `ConfigVersion`), so it works from any shell, for any
@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from router import settings as config
-from router.models import T_CONFIG_VERSION, T_EVENT
+from router.models import T_CONFIG_VERSION, T_EVENT, T_INBOUND, InboundStatus
 from router.reload import KIND_APPLIED, KIND_REJECTED, text_digest
 
 EXIT_OK = 0
@@ -141,6 +141,31 @@ def read_status(url: str, config_file: Path | None = None, *, scan: int = 500
     return out
 
 
+def read_backlog(url: str) -> dict[str, Any]:
+    """Accepted mail not routed yet: in ``inbound`` and, on SQLite, still in SMTP intake's
+    spools (`router.intake.spool`), with when the oldest of it arrived; and parked mail."""
+    from router.db import make_engine
+    from router.intake.spool import unmoved_backlog
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            by_status = {row.status: row for row in conn.execute(
+                select(T_INBOUND.c.status, func.count().label("n"),
+                       func.min(T_INBOUND.c.received_at).label("oldest"))
+                .where(T_INBOUND.c.status.in_([InboundStatus.NEW, InboundStatus.PARKED]))
+                .group_by(T_INBOUND.c.status))}
+    finally:
+        engine.dispose()
+    spooled, oldest_spooled = unmoved_backlog(url)
+    new = by_status.get(InboundStatus.NEW)
+    parked = by_status.get(InboundStatus.PARKED)
+    oldest = [at for at in (new.oldest if new else None, oldest_spooled) if at is not None]
+    return {"waiting": (new.n if new else 0) + spooled, "spooled": spooled,
+            "oldest_waiting": _iso(min(oldest)) if oldest else None,
+            "parked": parked.n if parked else 0}
+
+
 def _problem_line(p: Mapping[str, Any]) -> str:
     return str(config.Problem(p.get("file", ""), p.get("path", ""), p.get("message", ""),
                               p.get("line"), p.get("severity", "error")))
@@ -175,7 +200,24 @@ def format_status(status: Mapping[str, Any]) -> str:
     disk = status.get("on_disk")
     if disk is not None and run is not None and not disk["matches_running"] and rej is None:
         lines.append(f"on disk:  version {disk['version']}, not applied yet")
+    intake = status.get("intake")
+    if intake is not None:
+        lines.append(f"intake:   {_backlog_line(intake)}")
     return "\n".join(lines)
+
+
+def _backlog_line(intake: Mapping[str, Any]) -> str:
+    n, spooled, parked = intake["waiting"], intake["spooled"], intake["parked"]
+    if n:
+        line = (f"{n} message{'' if n == 1 else 's'} waiting to be routed"
+                f"{f' ({spooled} in SMTP intake spools)' if spooled else ''}, the oldest "
+                f"received {intake['oldest_waiting']}")
+    else:
+        line = "no mail waiting to be routed"
+    if parked:
+        line += (f"; {parked} parked (the pipeline could not process "
+                 f"{'it' if parked == 1 else 'them'}: router tickets parked)")
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         url = database_url(path)
         status = read_status(url, path)
+        status["intake"] = read_backlog(url)
     except SQLAlchemyError as exc:
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         msg = (f"cannot read the status from the database: {cause} (has `router serve` run "

@@ -33,6 +33,7 @@ import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     create_engine,
+    func,
     insert,
     select,
     update,
@@ -632,7 +634,9 @@ class SpoolMover:
                 os.close(fd)
 
 
-def _unmoved(url: str, what: Any) -> list[Any]:
+def _unmoved(url: str, what: Any, *, ordered: bool = True) -> list[Any]:
+    """`what`, a select from ``spooled``, of the rows not moved yet, from every spool file of
+    the database at `url`: its rows file by file, in order of id within each (`ordered`)."""
     files = spool_files(url)
     if not files:
         return []
@@ -648,8 +652,9 @@ def _unmoved(url: str, what: Any) -> list[Any]:
         try:
             with spool.connect() as sc:
                 spool_id = sc.execute(_SPOOL_ID).scalar()
-                out.extend(sc.execute(what.where(T_SPOOLED.c.id > moved.get(spool_id, 0))
-                                      .order_by(T_SPOOLED.c.id)).all())
+                query = what.where(T_SPOOLED.c.id > moved.get(spool_id, 0))
+                out.extend(sc.execute(query.order_by(T_SPOOLED.c.id) if ordered else query)
+                           .all())
         except OperationalError:
             continue  # being created, or removed, right now: nothing to count in it
         finally:
@@ -663,6 +668,15 @@ def unmoved(url: str) -> list[Any]:
     return _unmoved(url, select(T_SPOOLED))
 
 
+def unmoved_backlog(url: str) -> tuple[int, datetime | None]:
+    """How many spooled messages wait to be moved into ``inbound``, and when the oldest of
+    them was received (None when none waits)."""
+    per_file = _unmoved(url, select(func.count(), func.min(T_SPOOLED.c.received_at)),
+                        ordered=False)
+    oldest = [at for n, at in per_file if n]
+    return sum(n for n, _ in per_file), min(oldest) if oldest else None
+
+
 def unmoved_count(url: str) -> int:
     """How many spooled messages wait to be moved into ``inbound``."""
-    return len(_unmoved(url, select(T_SPOOLED.c.id)))
+    return unmoved_backlog(url)[0]
