@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     select,
 )
 from sqlalchemy.orm import class_mapper, column_property, make_transient_to_detached
@@ -227,11 +228,16 @@ class Attachment(SQLModel, table=True):
 
 
 class ThreadKey(SQLModel, table=True):
-    """Every Message-ID that belongs to a ticket, inbound or sent by us: the threading index."""
+    """Every Message-ID that belongs to a ticket, inbound or sent by us: the threading index.
+    `awaited`: not a message of the ticket yet, but one that a message opening the ticket
+    answered (In-Reply-To, References) before it arrived. Only that message itself, when it
+    comes, threads by it (`router.route.find_thread`); replies naming it do not, or every
+    customer answering one newsletter would share a ticket."""
 
     __tablename__ = "thread_key"
     message_id: str = Field(sa_column=Column(Text, primary_key=True))
     ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    awaited: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class Decision(SQLModel, table=True):

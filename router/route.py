@@ -3,7 +3,9 @@
 Threading keys, tried in this order; the first that names an existing ticket wins:
 1. the ticket token in the subject (``[#1234]``, format from ``router.ticket_token``);
 2. In-Reply-To, then References from newest to oldest, looked up in `thread_key`, which
-   holds every Message-ID of a ticket: the customer's and every mail we sent.
+   holds every Message-ID of a ticket: the customer's and every mail we sent;
+3. the message's own Message-ID, when a reply to it arrived first and opened a ticket (an
+   `awaited` key of that ticket).
 A reply never opens a new ticket when one of these matches; a reply to a solved or closed
 ticket reopens it.
 
@@ -43,7 +45,8 @@ from router.settings import Settings
 _SEL_TICKET = select(T_TICKET).where(T_TICKET.c.id == bindparam("tid"))
 _SEL_TICKET_STATUS = select(T_TICKET.c.id, T_TICKET.c.status).where(
     T_TICKET.c.id == bindparam("tid"))
-_SEL_THREAD = (select(T_THREAD_KEY.c.message_id, T_TICKET.c.id, T_TICKET.c.status)
+_SEL_THREAD = (select(T_THREAD_KEY.c.message_id, T_THREAD_KEY.c.awaited, T_TICKET.c.id,
+                      T_TICKET.c.status)
                .join(T_TICKET, T_TICKET.c.id == T_THREAD_KEY.c.ticket_id)
                .where(T_THREAD_KEY.c.message_id.in_(bindparam("mids", expanding=True))))
 # A customer's reply: a new ticket stays new, any other becomes open, a solved or closed
@@ -82,7 +85,7 @@ def format_token(settings: Settings, ticket_id: int) -> str:
 class ThreadMatch:
     ticket_id: int
     status: str
-    key: str        # subject-token | in-reply-to | references
+    key: str        # subject-token | in-reply-to | references | message-id
     value: str
 
 
@@ -93,13 +96,18 @@ def find_thread(conn: Connection, parsed: ParsedMail, settings: Settings) -> Thr
             return ThreadMatch(row.id, row.status, "subject-token", m.group(0))
     keyed = [("in-reply-to", mid) for mid in parsed.in_reply_to]
     keyed += [("references", mid) for mid in reversed(parsed.references)]
+    if parsed.message_id:
+        keyed.append(("message-id", parsed.message_id))
     if not keyed:
         return None
     found = {r.message_id: r for r in fastsql.execute(
         conn, _SEL_THREAD, {"mids": [mid for _, mid in keyed]})}
     for key, mid in keyed:
-        if mid in found:
-            return ThreadMatch(found[mid].id, found[mid].status, key, mid)
+        row = found.get(mid)
+        # A message's own id threads only where a reply awaits it; a reply's ids only where
+        # a message of the ticket has that id (not where a reply awaits it).
+        if row is not None and row.awaited == (key == "message-id"):
+            return ThreadMatch(row.id, row.status, key, mid)
     return None
 
 
@@ -154,8 +162,19 @@ def _upsert_customer(dialect_name: str) -> Any:
 
 @lru_cache(maxsize=8)
 def _insert_ignore(dialect_name: str, table: Any) -> Any:
-    # Built once per dialect and table: every message writes its thread key through it.
     return _dialect(dialect_name).insert(table).on_conflict_do_nothing()
+
+
+@lru_cache(maxsize=4)
+def _insert_key(dialect_name: str) -> Any:
+    """A message's thread key. Built once per dialect: every message writes one. The key of
+    a message awaited by a reply's ticket becomes the message's own, on the ticket it
+    joined; a key a message of a ticket already has stays as it is."""
+    stmt = _dialect(dialect_name).insert(T_THREAD_KEY)
+    return stmt.on_conflict_do_update(
+        index_elements=[T_THREAD_KEY.c.message_id],
+        set_={"ticket_id": stmt.excluded.ticket_id, "awaited": False},
+        where=T_THREAD_KEY.c.awaited)
 
 
 @dataclass
@@ -189,9 +208,20 @@ def add_article(conn: Connection, ticket_id: int, inbound: Any, parsed: ParsedMa
              "size": a.size, "sha256": a.sha256, "inline": a.inline, "data": a.data}
             for a in parsed.attachments])
     if parsed.message_id:
-        fastsql.execute(conn, _insert_ignore(conn.dialect.name, T_THREAD_KEY),
-                     {"message_id": parsed.message_id, "ticket_id": ticket_id})
+        fastsql.execute(conn, _insert_key(conn.dialect.name),
+                        {"message_id": parsed.message_id, "ticket_id": ticket_id})
     return values
+
+
+def _await_parents(conn: Connection, ticket_id: int, parsed: ParsedMail) -> None:
+    """The ids a ticket's first message answered, none of them known: should one of those
+    messages arrive later, it joins this ticket instead of opening one of its own."""
+    named = dict.fromkeys([*parsed.in_reply_to, *parsed.references])
+    named.pop(parsed.message_id, None)
+    if named:
+        fastsql.execute(conn, _insert_ignore(conn.dialect.name, T_THREAD_KEY),
+                        [{"message_id": mid, "ticket_id": ticket_id, "awaited": True}
+                         for mid in named])
 
 
 def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
@@ -209,6 +239,7 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
     ticket_id: int = fastsql.execute(conn, _INS_TICKET, ticket).scalar_one()
     ticket["id"] = ticket_id
     article = add_article(conn, ticket_id, inbound, parsed, now)
+    _await_parents(conn, ticket_id, parsed)
     fastsql.execute(conn, _INS_DECISION, {
         "ticket_id": ticket_id, "inbound_id": inbound.id, "kind": "route",
         "team": decision.team, "priority": decision.priority, "address": decision.address,
@@ -222,6 +253,13 @@ def open_ticket(conn: Connection, *, decision: Decision, customer: CustomerRef,
     return Written(ticket_id, article["id"], ticket, article)
 
 
+def _thread_reason(match: ThreadMatch) -> str:
+    if match.key == "message-id":
+        return (f"a reply to this message ({match.value}) arrived before it and opened "
+                f"ticket {match.ticket_id}")
+    return f"{match.key} {match.value} names ticket {match.ticket_id}"
+
+
 def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inbound: Any,
                 config_version: str | None, now: datetime) -> Written:
     ticket = fastsql.execute(conn, _SEL_TICKET, {"tid": match.ticket_id}).one()
@@ -233,7 +271,7 @@ def thread_onto(conn: Connection, match: ThreadMatch, *, parsed: ParsedMail, inb
         "team": ticket.team, "priority": ticket.priority, "address": ticket.address,
         "tag": ticket.tag, "reason": f"threaded by {match.key} {match.value}",
         "hits": [{"rule": "thread", "matched": True, "key": match.key, "value": match.value,
-                  "reason": f"{match.key} {match.value} names ticket {ticket.id}"}],
+                  "reason": _thread_reason(match)}],
         "config_version": config_version, "created_at": now})
     fastsql.execute(conn, _INS_EVENT, {
         "at": now, "ticket_id": ticket.id,

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from router.models import Decision, Event, Inbound, InboundStatus, ThreadKey, Ticket
+from router.models import (
+    Article,
+    Decision,
+    Event,
+    Inbound,
+    InboundStatus,
+    ThreadKey,
+    Ticket,
+)
 from tests.daemon import Store, make_mail, open_store
 
 
@@ -117,6 +125,68 @@ def test_in_reply_to_an_outbound_message_threads(store: Store) -> None:
     assert [x.id for x in all_of(store, Ticket)] == [t.id]
     d = thread_decision(store)
     assert (d.hits[0]["key"], d.hits[0]["value"]) == ("in-reply-to", "<ack-77@router.test>")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A store on SQLite, then on PostgreSQL (its upsert of a thread key differs)."""
+    db_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    with open_store(tmp_path / "etc", db_url=db_url) as s:
+        yield s
+
+
+def _articles(store: Store, ticket_id: int) -> list[str | None]:
+    with store.session() as s:
+        return [a.message_id for a in s.exec(select(Article).where(
+            Article.ticket_id == ticket_id).order_by(Article.id)).all()]
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["apart", "one-batch"])
+def test_an_original_arriving_after_its_reply_joins_the_replys_ticket(
+        either_store: Store, one_batch: bool) -> None:
+    """Alice writes to support with Bob in Cc; Bob replies to all at once, and his answer
+    reaches us first (Alice's mail was held up on the way). Alice's mail, when it comes,
+    is part of the conversation Bob's answer opened, not a ticket of its own."""
+    store = either_store
+    late = "<late@example.org>"
+    store.accept(make_mail(subject="Re: printer on fire", frm="Bob <bob@example.org>",
+                           message_id="<bob@example.org>", in_reply_to=late,
+                           references=late))
+    if not one_batch:
+        store.drain()
+    store.accept(make_mail(subject="printer on fire", message_id=late))
+    store.drain()
+    [t] = all_of(store, Ticket)
+    assert t.subject == "Re: printer on fire"
+    assert _articles(store, t.id) == ["<bob@example.org>", late]
+    d = thread_decision(store)
+    assert (d.hits[0]["key"], d.hits[0]["value"]) == ("message-id", late)
+    assert d.hits[0]["reason"] == (f"a reply to this message ({late}) arrived before it and "
+                                   f"opened ticket {t.id}")
+    # Alice's mail is a message of the ticket now: a reply to it threads by it.
+    reply(store, frm="Carol <carol@example.org>", in_reply_to=late)
+    assert [x.id for x in all_of(store, Ticket)] == [t.id]
+    assert len(_articles(store, t.id)) == 3
+    assert {k.message_id: (k.ticket_id, k.awaited) for k in all_of(store, ThreadKey)} == {
+        "<bob@example.org>": (t.id, False), late: (t.id, False),
+        next(m for m in _articles(store, t.id) if m not in (late, "<bob@example.org>")):
+            (t.id, False)}
+
+
+def test_answers_to_one_unknown_mail_do_not_share_a_ticket(either_store: Store) -> None:
+    """Two customers answer the same newsletter, which never passed through us: two
+    conversations, two tickets. Only the newsletter itself would join the first one."""
+    store = either_store
+    newsletter = "<news-2026-11@mailer.example.com>"
+    for who in ("Ann <ann@example.org>", "Ben <ben@example.org>"):
+        store.accept(make_mail(subject="Re: our November news", frm=who,
+                               in_reply_to=newsletter, references=newsletter))
+        store.drain()
+    first, second = all_of(store, Ticket)
+    assert first.id != second.id
+    assert [d.kind for d in all_of(store, Decision)] == ["route", "route"]
+    awaited = {k.message_id: k.ticket_id for k in all_of(store, ThreadKey) if k.awaited}
+    assert awaited == {newsletter: first.id}
 
 
 @pytest.mark.parametrize("keys", [
