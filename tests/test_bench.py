@@ -143,3 +143,20 @@ def test_pipeline_bench_counts_instructions() -> None:
     # weighs more). Wide bounds, for any change to routing; they catch a count that was
     # never switched on, or read from callgrind's summary line, which is then 0.
     assert 1 < figure < 100, figure
+
+
+def test_disk_stalls_bench_runs(tmp_path: Path) -> None:
+    """bench/disk_stalls.py: a run alone and one beside the heavy writer, which cleans up."""
+    res = _run(str(REPO / "bench" / "disk_stalls.py"), "--seconds", "0.3", "--rounds", "1",
+               "--heavy-mb", "1", "--dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1].split()[0] == "alone" and lines[2].startswith("beside 1 MB/0.5 s")
+    for line in lines[1:3]:
+        syncs, p50, p99, longest, slow = line.split()[-5:]
+        assert int(syncs) > 0 and 0 <= float(p50) <= float(p99) <= float(longest)
+        assert 0 <= int(slow) <= int(syncs)
+    assert lines[3].startswith("syncs over 40 ms: ")
+    assert list(tmp_path.iterdir()) == []  # its files and directory are gone
+    bad = _run(str(REPO / "bench" / "disk_stalls.py"), "--rounds", "0")
+    assert bad.returncode == 2 and "--rounds and --heavy-mb at least 1" in bad.stderr
