@@ -92,6 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.seconds <= 0 or args.rounds < 1 or args.heavy_mb < 1:
         ap.error("--seconds must be positive, --rounds and --heavy-mb at least 1")
+    if args.dir is not None and not args.dir.is_dir():
+        ap.error(f"--dir {args.dir}: not a directory")
     with tempfile.TemporaryDirectory(prefix="router-stalls-", dir=args.dir) as tmp:
         print(f"{'run':<24} {'syncs':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} "
               f"{'>40ms':>6}")

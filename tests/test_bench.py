@@ -160,3 +160,5 @@ def test_disk_stalls_bench_runs(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # its files and directory are gone
     bad = _run(str(REPO / "bench" / "disk_stalls.py"), "--rounds", "0")
     assert bad.returncode == 2 and "--rounds and --heavy-mb at least 1" in bad.stderr
+    bad = _run(str(REPO / "bench" / "disk_stalls.py"), "--dir", str(tmp_path / "none"))
+    assert bad.returncode == 2 and f"--dir {tmp_path / 'none'}: not a directory" in bad.stderr
