@@ -286,6 +286,42 @@ async def test_cursor_persists_across_restarts(tmp_path: Path, dovecot: Dovecot)
         assert load_cursor(h.engine, "support-box") == (dovecot.uidvalidity("support"), 3)
 
 
+async def test_message_over_the_size_limit_is_left_in_the_mailbox_flagged(
+        tmp_path: Path, dovecot: Dovecot) -> None:
+    """A scan of several MB in a shared mailbox: never fetched, never lost. It stays where
+    it is, unread and flagged for a person, the mail around it is taken, and the cursor
+    passes it so it is not looked at again."""
+    async with harness(tmp_path, dovecot, account_toml("ops-box", dovecot.port,
+                                                       user="ops")) as h:
+        limit = h.settings.smtp.max_message_size
+        assert limit == 1024 * 1024  # the tests' config
+        before = await h.append("ops", mail("before", to="oops@acme.test"))
+        huge = await h.append("ops", mail("huge scan", to="oops@acme.test",
+                                          body=("x" * 76 + "\n") * 15000))
+        after = await h.append("ops", mail("after", to="oops@acme.test"))
+        intake = await h.start("ops-box", max_size=lambda: limit)
+        await h.rows_with(2)
+        await eventually(lambda: intake.taken == 2, 5, "after-actions")
+        assert intake.too_large == 1
+        assert [r.raw.count(b"Subject: ") for r in h.rows()] == [1, 1]
+        assert sorted(r.raw.split(b"Subject: ")[1].split(b"\r\n")[0] for r in h.rows()) == [
+            b"after", b"before"]
+        flags = dovecot.flags("ops")
+        assert set(flags) == {before, huge, after}
+        assert b"\\Flagged" in flags[huge] and b"\\Seen" not in flags[huge]
+        assert all(b"\\Seen" in flags[u] and b"\\Flagged" not in flags[u]
+                   for u in (before, after))
+        assert load_cursor(h.engine, "ops-box") == (dovecot.uidvalidity("ops"), after)
+        await h.stop("ops-box")
+        # A larger limit (an admin's edit) applies to what comes next, not to what the
+        # cursor has passed: the scan stays in the mailbox for a person.
+        again = await h.start("ops-box", max_size=lambda: 64 * 1024 * 1024)
+        await h.append("ops", mail("later", to="oops@acme.test"))
+        await h.rows_with(3)
+        await eventually(lambda: again.taken == 1, 5, "the later message")
+        assert again.too_large == 0 and len(h.rows()) == 3
+
+
 async def test_changed_uidvalidity_resets_cursor_and_dedupe_absorbs(
         tmp_path: Path, dovecot: Dovecot) -> None:
     async with harness(tmp_path, dovecot, account_toml("support-box", dovecot.port,
@@ -509,10 +545,14 @@ async def test_manager_follows_settings_changes(tmp_path: Path, dovecot: Dovecot
             await eventually(lambda: "ops-box" in manager.intakes
                              and manager.intakes["ops-box"].connected.is_set(), 5, "ops-box")
             first = manager.intakes["ops-box"]
-            changed = write_config(tmp_path / "etc2", db_url=h.url, extra=account_toml(
-                "ops-box", dovecot.port, user="ops", after="delete")
-                + account_toml("billing-box", dovecot.port, user="billing"))
+            limit = first.max_size
+            assert limit is not None and limit() == 1024 * 1024  # [smtp] max_message_size
+            changed = write_config(tmp_path / "etc2", db_url=h.url, max_size="2MB",
+                                   extra=account_toml("ops-box", dovecot.port, user="ops",
+                                                      after="delete")
+                                   + account_toml("billing-box", dovecot.port, user="billing"))
             current["settings"] = config.load(changed)
+            assert limit() == 2 * 1024 * 1024  # read live, not when the intake started
             await eventually(lambda: "billing-box" in manager.intakes
                              and manager.intakes["ops-box"] is not first
                              and all(i.connected.is_set() for i in manager.intakes.values()),

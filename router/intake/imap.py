@@ -10,7 +10,9 @@ blocking; an IDLE wait would otherwise hold the event loop), which
 3. takes every message above the cursor, ``BODY.PEEK[]`` in batches of `batch_size` UIDs per
    FETCH, through the same durable accept as SMTP (channel ``imap``, ``mail_from`` from
    Return-Path, ``rcpt_to`` = the account's role address). A batch goes to the acceptor at
-   once, so the group commit stores it in one transaction;
+   once, so the group commit stores it in one transaction. A message over ``[smtp]
+   max_message_size`` (its ``RFC822.SIZE``, fetched first) is not fetched: it stays in the
+   mailbox, flagged ``\\Flagged`` and not ``\\Seen``, and is logged as an error;
 4. only after the commit: marks the batch ``\\Seen`` (``after = "seen"``), moves it
    (``"move"``: MOVE, or COPY + ``\\Deleted`` + EXPUNGE on servers without MOVE) or deletes it
    (``"delete"``), and then advances the cursor. A crash between commit and step 4 leaves the
@@ -45,7 +47,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-from imapclient import DELETED, SEEN, IMAPClient
+from imapclient import DELETED, FLAGGED, SEEN, IMAPClient
 from imapclient.exceptions import LoginError
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -152,8 +154,10 @@ class ImapIntake:
 
     def __init__(self, account: ImapAccount, accept: Accept, engine: Engine, *,
                  clock: Clock = system_clock, options: ImapOptions | None = None,
-                 on_error: ErrorHook | None = None, base_dir: str | Path = ".") -> None:
+                 on_error: ErrorHook | None = None, base_dir: str | Path = ".",
+                 max_size: Callable[[], int] | None = None) -> None:
         self.account = account
+        self.max_size = max_size  # bytes, read at each batch: a reload applies at once
         self.accept = accept
         self.engine = engine
         self.clock = clock
@@ -184,6 +188,7 @@ class ImapIntake:
         self.connected = threading.Event()
         self.mode: str | None = None          # "idle" | "poll" once connected
         self.taken = 0                        # messages committed and acted on
+        self.too_large = 0                    # messages left in the mailbox for their size
         self.failures = 0                     # consecutive failed sessions
         self.sessions = 0
         self.idle_rounds = 0                  # IDLE commands issued (renewals included)
@@ -368,9 +373,10 @@ class ImapIntake:
     def _take(self, client: IMAPClient, caps: set[bytes], uidvalidity: int,
               batch: list[int], last_uid: int) -> int:
         a = self.account
-        fetched = client.fetch(batch, ["BODY.PEEK[]"])
+        wanted = self._not_too_large(client, batch)
+        fetched = client.fetch(wanted, ["BODY.PEEK[]"]) if wanted else {}
         pending: list[tuple[int, Future[None]]] = []
-        for uid in batch:
+        for uid in wanted:
             item = fetched.get(uid)
             raw = item.get(b"BODY[]") if item else None
             if raw is None:  # expunged by someone else since the SEARCH: nothing to take
@@ -391,7 +397,8 @@ class ImapIntake:
         if committed:
             self._after(client, caps, committed)
             self.taken += len(committed)
-        # The cursor passes only UIDs all of whose predecessors in the batch are stored.
+        # The cursor passes only UIDs all of whose predecessors in the batch are stored (or
+        # were left out: expunged meanwhile, or too large).
         done = set(committed) | {u for u in batch if u not in {p[0] for p in pending}}
         advance = last_uid
         for uid in batch:
@@ -405,6 +412,25 @@ class ImapIntake:
         if failure is not None:
             raise failure
         return advance
+
+    def _not_too_large(self, client: IMAPClient, batch: list[int]) -> list[int]:
+        """The UIDs of `batch` within the size limit. The others are never fetched (a
+        mailbox may hold a message far larger than memory should): they stay where they
+        are, flagged for a person to see, and the cursor passes them."""
+        if self.max_size is None:
+            return batch
+        limit = self.max_size()
+        sizes = client.fetch(batch, ["RFC822.SIZE"])
+        too_large = {uid: int(item[b"RFC822.SIZE"]) for uid, item in sizes.items()
+                     if int(item.get(b"RFC822.SIZE", 0)) > limit}
+        if not too_large:
+            return batch
+        client.add_flags(sorted(too_large), [FLAGGED], silent=True)
+        for uid, size in sorted(too_large.items()):
+            self.too_large += 1
+            self._log.error("imap_message_too_large", uid=uid, size=size, limit=limit,
+                            action="left in the mailbox, flagged; not taken")
+        return [uid for uid in batch if uid not in too_large]
 
     def _submit(self, env: Envelope) -> Future[None]:
         loop = self._loop
@@ -559,6 +585,9 @@ class ImapManager:
         finally:
             await self._stop_all(list(self._running))
 
+    def _max_size(self) -> int:
+        return self.settings_provider().smtp.max_message_size
+
     async def reconcile(self) -> None:
         settings = self.settings_provider()
         wanted = {a.name: a for a in settings.imap}
@@ -570,7 +599,7 @@ class ImapManager:
                 continue
             intake = ImapIntake(acct, self.accept, self.engine, clock=self.clock,
                                 options=self.options, on_error=self.on_error,
-                                base_dir=settings.base_dir)
+                                base_dir=settings.base_dir, max_size=self._max_size)
             stop = asyncio.Event()
             task = asyncio.create_task(intake.run(stop), name=f"imap-{name}")
             self._running[name] = (acct, stop, task)
