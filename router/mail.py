@@ -484,10 +484,10 @@ def _mailbox(addr: str) -> str | None:
 # Name <local@domain>` (atoms apart by spaces, which are read as one; encoded words are
 # atoms) or `"Display Name" <local@domain>`. Anything else (comments, groups, quoted pairs, a
 # dot in an unquoted name, tabs, non-ASCII) is left to the email package.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, ASCII
+DOT_ATOM_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*"  # also SMTP intake's
 _MAILBOX = (rf'(?:(?P<atoms>{_ATEXT}(?: +{_ATEXT})*) *|"(?P<quoted>[^"\\\x00-\x1f\x7f]*)" *)?'
-            rf"<(?P<angled>{_ADDR_SPEC})>|(?P<bare>{_ADDR_SPEC})")
+            rf"<(?P<angled>{DOT_ATOM_ADDR})>|(?P<bare>{DOT_ATOM_ADDR})")
 _MAILBOX_RE = re.compile(_MAILBOX)
 _UNNAMED = re.sub(r"\?P<\w+>", "?:", _MAILBOX)
 _MAILBOX_LIST_RE = re.compile(rf" *(?:{_UNNAMED})(?: *, *(?:{_UNNAMED}))* *")

@@ -663,6 +663,7 @@ _USUAL_ADDRESSES = [
     '"  spaced  " <a@b.c>', '"" <a@b.c>', "O'Brien <o.brien@ie.example>",
     "=?utf-8?q?J=C3=B6rg?= <joerg@de.example>", "=?utf-8?b?SsO2cmc=?= <j+tag@de.example>",
     "a@b.c, d@e.f", ' a@b.c ,"Q, R" <q@r.s>,T U <t@u.v> ', "x-y_z!#$%&'*+/=?^`{|}~@a-b.c",
+    "Odd Domain <x@a_b!c.d{e}>",
 ]
 _UNUSUAL_ADDRESSES = [
     "", " ", "Ann Example", "Ann Example <>", "John Q. Public <jqp@x.org>",
