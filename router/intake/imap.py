@@ -420,14 +420,14 @@ class ImapIntake:
         if self.max_size is None:
             return batch
         limit = self.max_size()
-        sizes = client.fetch(batch, ["RFC822.SIZE"])
-        too_large = {uid: int(item[b"RFC822.SIZE"]) for uid, item in sizes.items()
-                     if int(item.get(b"RFC822.SIZE", 0)) > limit}
+        sizes = {uid: int(item.get(b"RFC822.SIZE", 0))
+                 for uid, item in client.fetch(batch, ["RFC822.SIZE"]).items()}
+        too_large = {uid: size for uid, size in sizes.items() if size > limit}
         if not too_large:
             return batch
         client.add_flags(sorted(too_large), [FLAGGED], silent=True)
+        self.too_large += len(too_large)
         for uid, size in sorted(too_large.items()):
-            self.too_large += 1
             self._log.error("imap_message_too_large", uid=uid, size=size, limit=limit,
                             action="left in the mailbox, flagged; not taken")
         return [uid for uid in batch if uid not in too_large]
