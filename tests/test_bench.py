@@ -49,6 +49,9 @@ def test_intake_bench_runs_with_two_workers(client: str) -> None:
     assert router["failed"] == 0 and router["parked"] == 0
     # Every accepted message was routed: the pipeline's figure covers all of them.
     assert router["tickets"] > 0 and report["ratio_accept"] > 0
+    for side in (router, report["aiosmtpd"]):
+        assert side["p50_ms"] <= side["p99_ms"] <= side["max_ms"]
+        assert 0 <= side["over_100ms"] <= (60 if side is router else 120)
 
 
 @pytest.mark.slow
