@@ -32,6 +32,7 @@ import re
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -390,8 +391,12 @@ class SpoolMover:
 
     def __init__(self, url: str, read_engine: Engine, write_engine: Engine, *,
                  clock: Clock = system_clock, max_rows: int = 512,
-                 max_bytes: int = 32 * 1024 * 1024) -> None:
+                 max_bytes: int = 32 * 1024 * 1024,
+                 hold: Callable[[], bool] | None = None) -> None:
         self.url = url
+        # Whether to keep files moved to their end for now: removing one syncs the
+        # database's log, which held up intake's synced commits (router.defer_sync).
+        self.hold = hold
         # Reads go through `read_engine`: on SQLite the write engine begins IMMEDIATE, and
         # a read through it would wait for the other workers' write lock.
         self.read_engine = read_engine
@@ -440,6 +445,7 @@ class SpoolMover:
         share_bytes = max(1, self.max_bytes // len(processes))
         out: list[Fetched] = []
         horizon = None
+        holding: bool | None = None  # asked once per fetch, and only with a file to remove
         for index in processes:
             rows_left, bytes_left = share_rows, share_bytes
             for f in (f for f in files if f.index == index):
@@ -467,7 +473,10 @@ class SpoolMover:
                             horizon = rows[-1].received_at
                         rows_left = 0  # this process's later files are later still
                 elif sealed:
-                    self._remove(f.path)
+                    if holding is None:
+                        holding = self.hold is not None and self.hold()
+                    if not holding:
+                        self._remove(f.path)
         if horizon is not None:
             for f in out:
                 f.rows = [r for r in f.rows if r.received_at <= horizon]
