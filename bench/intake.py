@@ -379,6 +379,9 @@ def pipeline_done(db: Path) -> tuple[int, int]:
     return total + spooled, pending + spooled
 
 
+_SEALED: dict[tuple[Path, int], tuple[str, int]] = {}  # (path, inode) -> (spool id, last id)
+
+
 def routing_finished(db: Path) -> bool:
     """Whether every stored message is routed: asked every 50 ms while the pipeline works,
     so it must cost next to nothing. (Counting as `pipeline_done` does took half a core from
@@ -389,20 +392,32 @@ def routing_finished(db: Path) -> bool:
     spooled: dict[str, int] = {}
     for f in spool_files(f"sqlite:///{db}"):
         try:
+            key = (f.path, f.path.stat().st_ino)
+        except FileNotFoundError:
+            continue  # removed since it was listed: moved whole
+        if key in _SEALED:
+            spool_id, last = _SEALED[key]
+            spooled[spool_id] = last
+            continue
+        try:
             spool = sqlite3.connect(f"file:{f.path}?mode=ro", uri=True, timeout=30)
         except sqlite3.OperationalError:
             continue  # removed since it was listed: moved whole
         try:
-            spool_id = spool.execute("select value from spool_meta where key = 'id'").fetchone()
+            row = spool.execute("select value from spool_meta where key = 'id'").fetchone()
+            sealed = spool.execute(
+                "select 1 from spool_meta where key = 'sealed'").fetchone() is not None
             last = spool.execute("select max(id) from spooled").fetchone()[0]
         except sqlite3.OperationalError:
             continue  # being created right now: nothing in it yet
         finally:
             spool.close()
         if last is not None:
-            if spool_id is None:
+            if row is None:
                 return False
-            spooled[spool_id[0]] = last
+            spooled[row[0]] = last
+            if sealed:  # written to no more: the pipeline keeps these while intake is busy
+                _SEALED[key] = (row[0], last)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
     try:
         conn.execute("begin")

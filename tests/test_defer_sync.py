@@ -191,6 +191,17 @@ def test_moved_spool_files_are_kept_while_held(url: str, monkeypatch: pytest.Mon
         assert mover.move() == 0
         assert [f.number for f in spool_files(url)] == [1, 2, 3, 4]
         assert asked == [True], "asked once per fetch"
+        # A kept file is not read again: it was sealed and moved to its end.
+        real_read = mover._read
+        reads: list[str] = []
+
+        def reading(src, max_rows, max_bytes):  # type: ignore[no-untyped-def]
+            reads.append(next(p.name for p, s in mover._sources.items() if s is src))
+            return real_read(src, max_rows, max_bytes)
+
+        mover._read = reading  # type: ignore[method-assign]
+        assert mover.move() == 0
+        assert sorted(reads) == ["router.spool-0-3.db", "router.spool-0-4.db"]
         held[0] = False
         assert mover.move() == 0
         assert [f.number for f in spool_files(url)] == [3, 4]

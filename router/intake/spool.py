@@ -357,6 +357,7 @@ class _Source:
     inode: tuple[int, int]        # a file made again at the same path is another spool
     id: str | None = None
     moved: int = 0                # moved through this id, as far as this worker knows
+    finished: bool = False        # sealed and moved to its last row: nothing more to read
 
 
 _HOLDS = select(T_SPOOLED.c.id).where(
@@ -456,14 +457,17 @@ class SpoolMover:
                 src.moved = max(src.moved, cursors.get(src.id, 0))
                 if rows_left <= 0 or bytes_left <= 0:
                     continue
-                try:
-                    rows, sealed, more = self._read(src, rows_left, bytes_left)
-                except Exception as exc:
-                    self._failed(f.path, exc)
-                    continue
-                if f.path in self._failing:
-                    self._failing.discard(f.path)
-                    self._log.info("spool_move_recovered", spool=str(f.path))
+                if src.finished:  # kept while intake is busy: not read again meanwhile
+                    rows, sealed, more = [], True, False
+                else:
+                    try:
+                        rows, sealed, more = self._read(src, rows_left, bytes_left)
+                    except Exception as exc:
+                        self._failed(f.path, exc)
+                        continue
+                    if f.path in self._failing:
+                        self._failing.discard(f.path)
+                        self._log.info("spool_move_recovered", spool=str(f.path))
                 if rows:
                     out.append(Fetched(f.path, src, rows))
                     rows_left -= len(rows)
@@ -473,6 +477,7 @@ class SpoolMover:
                             horizon = rows[-1].received_at
                         rows_left = 0  # this process's later files are later still
                 elif sealed:
+                    src.finished = True
                     if holding is None:
                         holding = self.hold is not None and self.hold()
                     if not holding:
