@@ -416,7 +416,7 @@ def routing_finished(db: Path) -> bool:
             if row is None:
                 return False
             spooled[row[0]] = last
-            if sealed:  # written to no more: the pipeline keeps these while intake is busy
+            if sealed:  # written to no more: its last id is read once
                 _SEALED[key] = (row[0], last)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
     try:

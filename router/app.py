@@ -108,13 +108,10 @@ class Daemon:
         # their commits wake the pipeline too. Accounts follow config reloads by themselves.
         imap = ImapManager(self.current_settings, acceptor.accept, engine)
         imap_task = asyncio.create_task(imap.run(self.stop), name="imap-intake")
-        # With pipeline workers here, their checkpointer copies the log back, and holds
-        # it while SMTP intake is busy (router.defer_sync): a commit of these that copied
-        # it back itself, as SQLite does past 1,000 pages, would undo that.
-        outbox_engine = db.make_engine(url, autocheckpoint=not workers)
+        outbox_engine = db.make_engine(url)
         outbox = OutboxWorker(outbox_engine, self.current_settings, system_clock)
         outbox_task = asyncio.create_task(outbox.run(self.stop), name="outbox")
-        esc_engine = db.make_engine(url, autocheckpoint=not workers)
+        esc_engine = db.make_engine(url)
         scheduler = EscalationScheduler(esc_engine, self.current_settings, system_clock,
                                         on_fired=outbox.wake)
         esc_task = asyncio.create_task(scheduler.run(self.stop), name="escalation")

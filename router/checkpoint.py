@@ -21,16 +21,12 @@ one takes the write lock and waits (up to `wait` seconds, then gives up until th
 round) until no reader uses the log, copies what is left, and empties the file. The
 pipeline keeps its read snapshots short for it (`Pipeline._prepare_rows`), so the writers
 it holds up wait for one small step of reading, not a batch.
-
-While SMTP intake is busy, `hold` says so and the thread lets the log grow instead: a
-checkpoint's sync held up intake's synced commits (router.defer_sync).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -46,15 +42,13 @@ class Checkpointer:
     that many syncs of the database file, however many commits there were."""
 
     def __init__(self, path: Path, *, interval: float = 0.5, limit: int = LOG_LIMIT,
-                 wait: float = 0.25, hold: Callable[[], bool] | None = None) -> None:
+                 wait: float = 0.25) -> None:
         self.path = path
         self.interval = interval
         self.limit = limit
         self.wait = wait
-        self.hold = hold
         self.checkpoints = 0
         self.truncations = 0
-        self.held = 0  # rounds without a checkpoint because `hold` said so
         self._stop = threading.Event()
         self._log = log.get("router.checkpoint")
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
@@ -69,9 +63,6 @@ class Checkpointer:
         failing = False
         try:
             while not self._stop.wait(self.interval):
-                if self.hold is not None and self.hold():
-                    self.held += 1
-                    continue
                 try:
                     if conn is None:
                         # Never creates the database: one removed under us stays removed.

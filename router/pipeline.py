@@ -42,7 +42,6 @@ from router.checkpoint import Checkpointer
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
 from router.db import is_sqlite, make_engine, sqlite_file
-from router.defer_sync import SyncDeferral
 from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
@@ -67,7 +66,7 @@ from router.route import (
 )
 from router.rules import Context
 from router.rules.alerts import send_alerts
-from router.settings import DatabaseSection, Settings
+from router.settings import Settings
 from router.turnaround import BACKLOG_STATUSES, Backlogs
 from router.turns import Turns
 
@@ -326,11 +325,7 @@ class Pipeline:
         # Our commits never copy the WAL back into the database file, under the write
         # lock: a thread of ours does, beside the writers (router.checkpoint).
         database = sqlite_file(url)
-        # Both wait while SMTP intake is busy: their syncs held up intake's (defer_sync).
-        # The limit is the config's from the first batch on.
-        self.deferral = SyncDeferral(url, DatabaseSection().busy_log_limit)
-        self.checkpointer = (Checkpointer(database, hold=self.deferral.holding)
-                             if database is not None else None)
+        self.checkpointer = Checkpointer(database) if database is not None else None
         self.write_engine: Engine = make_engine(url, immediate=True,
                                                 autocheckpoint=database is None,
                                                 synchronous="NORMAL")
@@ -352,8 +347,8 @@ class Pipeline:
         self.lock_slice = 0.050 if self.sqlite else float("inf")
         self.lock_pause = 0.0025  # after a slice: longer than a lock retry step of intake's
         # SMTP intake on SQLite commits into spools of its own; moving them is our job.
-        self.mover = SpoolMover(url, self.read_engine, self.write_engine, clock=clock,
-                                hold=self.deferral.holding) if self.sqlite else None
+        self.mover = SpoolMover(url, self.read_engine, self.write_engine,
+                                clock=clock) if self.sqlite else None
         self.hooks: list[Hook] = list(hooks or [])
         self.ahead = [h for h in self.hooks if isinstance(h, AheadHook)]
         self.wake = threading.Event()
@@ -408,7 +403,6 @@ class Pipeline:
             # One config for the whole batch: a message finishes under the config it
             # started with.
             settings = self.settings_provider()
-            self.deferral.limit = settings.database.busy_log_limit
             # The costly part (parsing, language, rules, the classifier) runs before the
             # write lock is taken: other writers wait for the database writes only.
             batch = _Batch(settings)

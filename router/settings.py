@@ -151,15 +151,6 @@ class SmtpSection(Strict):
 
 class DatabaseSection(Strict):
     url: str = "sqlite:///router.db"
-    # SQLite: how much disk the pipeline may fill, with its write-ahead log and the spool
-    # files it has moved, before it syncs them while SMTP intake is busy (router.defer_sync).
-    # 0: never wait for intake to pause.
-    busy_log_limit: int = 1024**3
-
-    @field_validator("busy_log_limit", mode="before")
-    @classmethod
-    def _limit(cls, v: object) -> int:
-        return 0 if v in (0, "0") else parse_size(v)
 
 
 class RelaySection(Strict):

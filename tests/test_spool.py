@@ -229,9 +229,6 @@ def test_moves_are_not_synced_but_the_log_is_before_a_spool_goes(
     monkeypatch.setattr(spool_module, "ROTATE_ROWS", 2)
     cfg = write_config(tmp_path / "etc", db_url=f"sqlite:///{tmp_path / 'router.db'}")
     settings = config.load(cfg)
-    # Intake has just written: the file would be kept until it pauses (router.defer_sync).
-    settings = settings.model_copy(update={"database": settings.database.model_copy(
-        update={"busy_log_limit": 0})})
     url = settings.database_url
     db.upgrade(url)
     levels: list[int] = []

@@ -32,7 +32,6 @@ import re
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -357,7 +356,6 @@ class _Source:
     inode: tuple[int, int]        # a file made again at the same path is another spool
     id: str | None = None
     moved: int = 0                # moved through this id, as far as this worker knows
-    finished: bool = False        # sealed and moved to its last row: nothing more to read
 
 
 _HOLDS = select(T_SPOOLED.c.id).where(
@@ -392,12 +390,8 @@ class SpoolMover:
 
     def __init__(self, url: str, read_engine: Engine, write_engine: Engine, *,
                  clock: Clock = system_clock, max_rows: int = 512,
-                 max_bytes: int = 32 * 1024 * 1024,
-                 hold: Callable[[], bool] | None = None) -> None:
+                 max_bytes: int = 32 * 1024 * 1024) -> None:
         self.url = url
-        # Whether to keep files moved to their end for now: removing one syncs the
-        # database's log, which held up intake's synced commits (router.defer_sync).
-        self.hold = hold
         # Reads go through `read_engine`: on SQLite the write engine begins IMMEDIATE, and
         # a read through it would wait for the other workers' write lock.
         self.read_engine = read_engine
@@ -446,7 +440,6 @@ class SpoolMover:
         share_bytes = max(1, self.max_bytes // len(processes))
         out: list[Fetched] = []
         horizon = None
-        holding: bool | None = None  # asked once per fetch, and only with a file to remove
         for index in processes:
             rows_left, bytes_left = share_rows, share_bytes
             for f in (f for f in files if f.index == index):
@@ -457,17 +450,14 @@ class SpoolMover:
                 src.moved = max(src.moved, cursors.get(src.id, 0))
                 if rows_left <= 0 or bytes_left <= 0:
                     continue
-                if src.finished:  # kept while intake is busy: not read again meanwhile
-                    rows, sealed, more = [], True, False
-                else:
-                    try:
-                        rows, sealed, more = self._read(src, rows_left, bytes_left)
-                    except Exception as exc:
-                        self._failed(f.path, exc)
-                        continue
-                    if f.path in self._failing:
-                        self._failing.discard(f.path)
-                        self._log.info("spool_move_recovered", spool=str(f.path))
+                try:
+                    rows, sealed, more = self._read(src, rows_left, bytes_left)
+                except Exception as exc:
+                    self._failed(f.path, exc)
+                    continue
+                if f.path in self._failing:
+                    self._failing.discard(f.path)
+                    self._log.info("spool_move_recovered", spool=str(f.path))
                 if rows:
                     out.append(Fetched(f.path, src, rows))
                     rows_left -= len(rows)
@@ -477,11 +467,7 @@ class SpoolMover:
                             horizon = rows[-1].received_at
                         rows_left = 0  # this process's later files are later still
                 elif sealed:
-                    src.finished = True
-                    if holding is None:
-                        holding = self.hold is not None and self.hold()
-                    if not holding:
-                        self._remove(f.path)
+                    self._remove(f.path)
         if horizon is not None:
             for f in out:
                 f.rows = [r for r in f.rows if r.received_at <= horizon]
