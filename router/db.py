@@ -125,3 +125,32 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+# SQLite's result codes (primary, as in `sqlite_errorname` without the extended part) and
+# PostgreSQL's SQLSTATE classes that say the store could not do its part just now: the
+# disk is full or failing, a lock or a statement timed out, the connection went, the server
+# is shutting down, a deadlock or serialisation failure. None of them is a message's fault.
+_SQLITE_UNAVAILABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED",
+                       "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_NOMEM", "SQLITE_PROTOCOL")
+_PG_UNAVAILABLE = ("08", "53", "57", "58", "40001", "40P01", "55P03")
+
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is the database being unable to work
+    right now, rather than something about the data: what such an error hit should be
+    tried again later, not set aside as broken."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "connection_invalidated", False):
+            return True
+        name = getattr(e, "sqlite_errorname", None)
+        if isinstance(name, str) and name.startswith(_SQLITE_UNAVAILABLE):
+            return True
+        state = getattr(e, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_PG_UNAVAILABLE):
+            return True
+        e = getattr(e, "orig", None) or e.__cause__ or e.__context__
+    return False

@@ -41,7 +41,7 @@ from router.bounce import handle_dsn, is_dsn
 from router.checkpoint import Checkpointer
 from router.classify import Decision, classify
 from router.clock import Clock, system_clock
-from router.db import is_sqlite, make_engine, sqlite_file
+from router.db import is_sqlite, make_engine, sqlite_file, storage_unavailable
 from router.intake.spool import SpoolMover
 from router.mail import ParsedMail, normalize_address, parse
 from router.models import (
@@ -615,6 +615,8 @@ class Pipeline:
                 self._defer(inbound, prepared, tally, wait)
                 return
             except Exception as exc:
+                if storage_unavailable(exc):
+                    raise  # the whole batch waits for the database (`run` backs off)
                 raise _Redo(inbound.id) from exc
             tally.processed += 1
             return
@@ -630,6 +632,11 @@ class Pipeline:
             savepoint.rollback()
             self._defer(inbound, prepared, tally, wait)
         except Exception as exc:
+            if storage_unavailable(exc):
+                # A full disk or a lost connection is not this message's fault: parked, it
+                # would wait for a person. SQLite may have rolled the whole transaction
+                # back already, so the savepoint is not touched (its error would hide this).
+                raise
             savepoint.rollback()
             backlogs.forget()  # it may have counted what the rollback took back
             conn.execute(update(T_INBOUND).where(T_INBOUND.c.id == inbound.id).values(
