@@ -139,7 +139,10 @@ _PG_UNAVAILABLE = ("08", "53", "57", "58", "40001", "40P01", "55P03")
 def storage_unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or what it was raised from) is the database being unable to work
     right now, rather than something about the data: what such an error hit should be
-    tried again later, not set aside as broken."""
+    tried again later, not set aside as broken. Only explicit causes are followed (`raise
+    ... from`, SQLAlchemy's `orig`): an error raised while handling a storage error that
+    was dealt with is an error of its own, and taken for the storage's it could hold up
+    the pipeline for good."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -152,5 +155,5 @@ def storage_unavailable(exc: BaseException) -> bool:
         state = getattr(e, "sqlstate", None)
         if isinstance(state, str) and state.startswith(_PG_UNAVAILABLE):
             return True
-        e = getattr(e, "orig", None) or e.__cause__ or e.__context__
+        e = getattr(e, "orig", None) or e.__cause__
     return False

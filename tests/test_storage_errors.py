@@ -113,6 +113,21 @@ def test_what_counts_as_the_database_being_unavailable(tmp_path: Path) -> None:
         raise RuntimeError("routing failed") from locked.value
     except RuntimeError as wrapped:
         assert storage_unavailable(wrapped)
+    # A bug met while dealing with one is a bug: it must not hold the pipeline up forever.
+    try:
+        try:
+            raise locked.value
+        except sqlite3.Error:
+            raise ValueError("a fallback's own mistake") from None
+    except ValueError as bug:
+        assert not storage_unavailable(bug)
+    try:
+        try:
+            raise locked.value
+        except sqlite3.Error:
+            raise ValueError("a fallback's own mistake")  # noqa: B904
+    except ValueError as bug:
+        assert not storage_unavailable(bug)
     conn.rollback()
     conn.close()
     other.close()
