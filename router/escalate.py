@@ -71,7 +71,7 @@ from sqlmodel import Session, col, select
 from router import fastsql, log, sla
 from router.ack import our_addresses, record_first_response
 from router.clock import Clock, system_clock
-from router.db import make_engine
+from router.db import make_engine, storage_unavailable
 from router.models import (
     T_ARTICLE,
     T_CUSTOMER,
@@ -722,6 +722,10 @@ class EscalationScheduler:
                     self._log.warning("escalation already fired", ticket=ticket.id,
                                       step=str(exc))
                 except Exception as exc:
+                    if storage_unavailable(exc):
+                        # Not this ticket's fault: the pass fails and is tried again with
+                        # `run`'s back-off, rather than this ticket waiting RETRY_BROKEN.
+                        raise
                     # One broken ticket must not hold up the others' escalations.
                     savepoint.rollback()
                     session.execute(update(T_TICKET).where(T_TICKET.c.id == ticket.id)

@@ -17,6 +17,7 @@ import pytest
 
 from router.db import storage_unavailable
 from tests.daemon import make_mail, open_store
+from tests.test_sla import MONDAY, open_desk
 
 
 @contextlib.contextmanager
@@ -95,6 +96,31 @@ def test_a_lock_timeout_parks_nothing_on_postgresql(tmp_path: Path, pg_url: str)
                                 "order by 1").fetchall() == [("done", 1), ("new", 1)]
         assert store.pipeline.drain() == 1
         assert store.pipeline.parked == 0
+
+
+def test_a_lock_timeout_delays_no_escalation_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The escalation scheduler's twin of the above: a ticket whose step hits a lock timeout
+    is not set aside as broken (due again only RETRY_BROKEN later); the pass fails, and the
+    step fires at the next one once the lock is gone. The lock: an admin's maintenance
+    holding the outbox, which the step's notification is written to."""
+    url = pg_url + "?options=-c%20lock_timeout%3D200"
+    with open_desk(tmp_path / "etc", MONDAY, db_url=url) as desk:
+        tid = desk.mail()
+        due = desk.ticket(tid).next_due_at
+        desk.later(minutes=15)
+        scheduler = desk.scheduler()
+        plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+        try:
+            with psycopg.connect(plain) as holder:
+                holder.execute("lock table outbox in share mode")
+                with pytest.raises(Exception) as err:
+                    scheduler.tick()
+                assert storage_unavailable(err.value) and "lock" in str(err.value)
+                assert desk.ticket(tid).next_due_at == due, "set aside as broken"
+                holder.rollback()
+            assert scheduler.tick() == 1
+        finally:
+            scheduler.close()
 
 
 def test_what_counts_as_the_database_being_unavailable(tmp_path: Path) -> None:
